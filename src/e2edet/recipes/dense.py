@@ -1,0 +1,78 @@
+"""Dense (FCOS-style) recipes: the published DeFCN COCO configs and CPU-sized MobileNetV2 variants.
+
+COCO recipes follow ``specs/dense.md`` §1.6 / §2.6 (DeFCN ``playground/detection/coco/*/config.py``): R-50 FPN,
+3x schedule with multi-scale training (270k iterations at 16 images per batch, lr steps at 210k and 250k, SGD
+lr 0.01, warm-up 1000 iterations from 1e-3), 800/1333 test size. ``train.batch_size`` is per process: launch
+them with ``torchrun --nproc_per_node 8`` for the published batch of 16. They need ``data=PATH`` (a dataset YAML).
+
+The ``*_mnv2_cpu`` recipes keep each method's assignment, head and loss exactly, and shrink only the backbone
+(ImageNet MobileNetV2), the FPN/head width, the image size and the schedule so they train on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+from e2edet.config import Config
+from e2edet.recipes import register_recipe
+
+#: The four DeFCN-paper variants plus the FCOS baseline: (name suffix, description, model/loss/test fields).
+VARIANTS = {
+    "fcos": ("FCOS (imprv) one-to-many baseline; evaluated with NMS 0.6",
+             dict(centerness=True), dict(assigner="fcos", score="cls", reg_weight=1.0),
+             dict(score="cls_ctr_sqrt", nms_iou=0.6)),
+    "poto": ("POTO one-to-one (Hungarian on p^0.2 IoU^0.8); no NMS",
+             dict(), dict(assigner="poto", score="cls"), dict(score="cls")),
+    "poto_argmax": ("POTO one-to-one, per-GT argmax instead of Hungarian; no NMS",
+                    dict(), dict(assigner="poto_argmax", score="cls"), dict(score="cls")),
+    "poto_3dmf": ("POTO + 3D max filtering (score cls*filter); no NMS",
+                  dict(max_filter=True), dict(assigner="poto", score="cls_filter"), dict(score="cls_filter")),
+    "defcn": ("DeFCN = POTO + 3DMF + auxiliary one-to-many loss; no NMS",
+              dict(max_filter=True), dict(assigner="poto", score="cls_filter", aux=True), dict(score="cls_filter")),
+}
+
+
+def _coco(variant: str) -> Config:
+    desc, model, loss, test = VARIANTS[variant]
+    cfg = Config(name=f"{variant}_r50_3x_ms", description=f"{desc}. COCO R-50 FPN 3x ms (published config)")
+    cfg.data.dataset = ""
+    cfg.data.train_min_sizes = (640, 672, 704, 736, 768, 800)
+    cfg.model.backbone = "resnet50"
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    for k, v in loss.items():
+        setattr(cfg.loss, k, v)
+    for k, v in test.items():
+        setattr(cfg.test, k, v)
+    t = cfg.train
+    t.batch_size, t.max_iters, t.steps = 2, 270_000, (210_000 / 270_000, 250_000 / 270_000)
+    t.optimizer, t.lr, t.warmup_iters, t.warmup_factor, t.eval_period = "sgd", 0.01, 1000, 0.001, 0
+    return cfg
+
+
+def _cpu(variant: str) -> Config:
+    desc, model, loss, test = VARIANTS[variant]
+    cfg = Config(name=f"{variant}_mnv2_cpu", description=f"{desc}. CPU-sized: MobileNetV2-FPN-128, ~400 px images")
+    cfg.data.dataset = "trees"
+    cfg.data.train_min_sizes = (352, 384, 416, 448)
+    cfg.data.train_max_size = 640
+    cfg.data.test_min_size = 416
+    cfg.data.test_max_size = 640
+    cfg.model.backbone = "mobilenet_v2"
+    cfg.model.fpn_channels = 128
+    cfg.model.num_convs = 2
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    for k, v in loss.items():
+        setattr(cfg.loss, k, v)
+    for k, v in test.items():
+        setattr(cfg.test, k, v)
+    t = cfg.train
+    t.epochs, t.batch_size, t.workers = 12, 4, 2
+    t.optimizer, t.lr, t.weight_decay, t.warmup_iters, t.warmup_factor = "adamw", 1e-3, 1e-4, 100, 0.01
+    t.steps, t.clip_grad_norm, t.log_period, t.eval_period = (0.75, 0.92), 10.0, 10, 0
+    return cfg
+
+
+for _variant in VARIANTS:
+    register_recipe(lambda v=_variant: _cpu(v))
+for _variant in VARIANTS:
+    register_recipe(lambda v=_variant: _coco(v))
