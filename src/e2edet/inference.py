@@ -1,0 +1,163 @@
+"""Predictor: load a trained detector, run it on image files, write detections JSON and pictures.
+
+Detections are end-to-end: top-k by score with no NMS (unless the recipe's ``test.nms_iou`` asks for it, as
+FCOS does). Boxes are ``xyxy`` pixels of the original image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image, write_png
+from torchvision.utils import draw_bounding_boxes
+
+from e2edet.build import build_model, build_postprocessor, select_device
+from e2edet.config import Config, from_dict
+from e2edet.data.collate import pad_images
+from e2edet.data.errors import DatasetError
+from e2edet.data.transforms import build_eval_transforms
+from e2edet.engine.checkpoint import load_weights
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def list_images(sources: Iterable[str | Path]) -> list[Path]:
+    """Image files named by ``sources`` (files, or folders searched non-recursively), sorted per folder.
+
+    Raises:
+        FileNotFoundError: a source does not exist, or a folder holds no images.
+    """
+    files: list[Path] = []
+    for src in map(Path, sources):
+        if src.is_dir():
+            found = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise FileNotFoundError(f"{src}: folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif src.is_file():
+            files.append(src)
+        else:
+            raise FileNotFoundError(f"{src}: no such image file or folder")
+    return files
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Decode an image file to ``uint8 [3, H, W]`` RGB.
+
+    Raises:
+        DatasetError: missing, unreadable or corrupt file (the message names it).
+    """
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot read image: {e}") from e
+
+
+def draw_detections(image: torch.Tensor, det: dict, class_names: Sequence[str], score_thresh: float = 0.0) -> torch.Tensor:
+    """Draw boxes with ``label score`` captions on ``image`` (``uint8 [3, H, W]``); returns a new uint8 image.
+
+    ``det`` holds ``boxes [k, 4]`` xyxy pixels of ``image``, ``scores [k]`` and ``labels [k]`` (contiguous).
+    """
+    keep = det["scores"] >= score_thresh
+    boxes, scores, labels = det["boxes"][keep].cpu(), det["scores"][keep].cpu(), det["labels"][keep].cpu()
+    if len(boxes) == 0:
+        return image.clone()
+    palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"]
+    captions = [f"{class_names[int(c)] if int(c) < len(class_names) else int(c)} {s:.2f}" for c, s in zip(labels, scores)]
+    colors = [palette[int(c) % len(palette)] for c in labels]
+    width = max(1, round(max(image.shape[1:]) / 400))
+    return draw_bounding_boxes(image, boxes, labels=captions, colors=colors, width=width)
+
+
+class Predictor:
+    """Run a detector on images of any size.
+
+    Args:
+        model: a detector obeying the model contract (``docs/architecture.md``).
+        cfg: its experiment config (test sizes, score mode, class names).
+        device: ``auto``, ``cpu``, ``cuda``...
+    Use :meth:`from_weights` to load a trained model from a run folder, checkpoint folder or ``.safetensors`` file.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, device: str | torch.device = "auto"):
+        self.cfg = cfg
+        self.device = select_device(device) if isinstance(device, str) else device
+        self.model = model.to(self.device).eval()
+        self.postprocess = build_postprocessor(cfg)
+        self.transform = build_eval_transforms(cfg.data.test_min_size, cfg.data.test_max_size)
+        self.class_names = list(cfg.model.class_names)
+
+    @classmethod
+    def from_weights(cls, weights: str | Path, device: str = "auto") -> "Predictor":
+        """Load weights and the config stored in their metadata.
+
+        Raises:
+            FileNotFoundError / ValueError: from :func:`e2edet.engine.checkpoint.load_weights` (names the path).
+        """
+        state, cfg_dict = load_weights(weights)
+        if cfg_dict is None:
+            raise ValueError(f"{weights}: the weights carry no e2edet config; was it written by `e2edet train`?")
+        cfg = from_dict(cfg_dict, str(weights))
+        cfg.model.pretrained = False  # the trained weights replace any ImageNet initialisation
+        model = build_model(cfg)
+        model.load_state_dict(state)
+        return cls(model, cfg, device)
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[torch.Tensor], batch_size: int = 4) -> list[dict]:
+        """Detect objects in ``uint8 [3, H, W]`` RGB images.
+
+        Returns:
+            One dict per image: ``boxes [k, 4]`` xyxy pixels of that image, ``scores [k]``, ``labels [k]`` (int64,
+            index into :attr:`class_names`), sorted by score, on the CPU.
+        """
+        results = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            inputs = [self.transform(tv_tensors.Image(img)) for img in chunk]
+            sizes = torch.tensor([[int(x.shape[-2]), int(x.shape[-1])] for x in inputs])
+            orig = torch.tensor([[int(x.shape[-2]), int(x.shape[-1])] for x in chunk])
+            batch = pad_images([x.as_subclass(torch.Tensor) for x in inputs], 32).to(self.device)
+            outputs = self.model(batch)
+            nms = self.cfg.test.nms_iou if self.cfg.test.nms_iou > 0 else None
+            dets = self.postprocess(outputs, sizes.to(self.device), orig.to(self.device), nms_iou=nms)
+            results += [{k: v.cpu() for k, v in d.items()} for d in dets]
+        return results
+
+    def predict_files(
+        self, files: Sequence[Path], out_dir: str | Path, score_thresh: float = 0.3, draw: bool = True
+    ) -> Path:
+        """Detect in image files, write ``detections.json`` (and one ``<stem>.png`` each when ``draw``) into ``out_dir``.
+
+        Detections below ``score_thresh`` are left out of both. Returns the JSON path.
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        records = []
+        for path in files:
+            image = read_image(path)
+            det = self([image])[0]
+            keep = det["scores"] >= score_thresh
+            det = {k: v[keep] for k, v in det.items()}
+            records.append({
+                "file": str(path),
+                "height": int(image.shape[1]),
+                "width": int(image.shape[2]),
+                "detections": [
+                    {"box_xyxy": [round(float(c), 2) for c in b], "score": round(float(s), 4), "label": int(l),
+                     "category": self.class_names[int(l)] if int(l) < len(self.class_names) else str(int(l))}
+                    for b, s, l in zip(det["boxes"], det["scores"], det["labels"])
+                ],
+            })
+            if draw:
+                write_png(draw_detections(image, det, self.class_names), str(out_dir / f"{Path(path).stem}.png"))
+        json_path = out_dir / "detections.json"
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps(records, indent=1))
+        os.replace(tmp, json_path)
+        return json_path

@@ -1,0 +1,131 @@
+"""The jobs behind the command line: train a recipe, evaluate weights, predict on images.
+
+Each job prints a short report and writes its files into the run folder (``output_dir/name``):
+``config.yaml``, ``metrics.jsonl``, ``loss.png``, ``checkpoints/``, ``eval_*.json`` and ``predictions/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from e2edet.build import (
+    build_criterion,
+    build_datasets,
+    build_model,
+    build_postprocessor,
+    fill_classes,
+    select_device,
+)
+from e2edet.config import Config, ConfigError, apply_overrides, save_config, to_dict
+from e2edet.data.loader import build_loader
+from e2edet.engine.evaluator import evaluate, format_results_table, save_results
+from e2edet.engine.trainer import Trainer
+from e2edet.inference import Predictor
+from e2edet.utils.dist import is_main_process
+
+
+def primary_metric(cfg: Config) -> str:
+    """The metric that selects the best checkpoint: AP of the method's own post-processing.
+
+    End-to-end recipes (``test.nms_iou == 0``) are judged without NMS, one-to-many baselines (FCOS) with it.
+    """
+    return "nms.AP" if cfg.test.nms_iou > 0 else "no_nms.AP"
+
+
+def _report(results: dict, cfg: Config, title: str) -> None:
+    if is_main_process():
+        print(f"\n{title}")
+        print(format_results_table(results))
+        print(f"(primary metric for {cfg.name}: {primary_metric(cfg)})")
+
+
+def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8) -> dict:
+    """Train ``cfg``, evaluating AP with and without NMS on the validation split, and draw predictions.
+
+    Returns:
+        The final evaluation results (``{"no_nms": {...}, "nms": {...}, ...}``).
+    Raises:
+        ConfigError / DatasetError: bad config or data (before any training starts).
+    """
+    data = build_datasets(cfg)
+    fill_classes(cfg, data.train.class_names)
+    torch.manual_seed(cfg.train.seed)  # model initialisation is part of a repeatable run
+    model = build_model(cfg)
+    criterion = build_criterion(cfg)
+    postprocessor = build_postprocessor(cfg)
+    t = cfg.train
+    train_loader = build_loader(data.train, t.batch_size, train=True, workers=t.workers, seed=t.seed)
+    val_loader = build_loader(data.val, t.batch_size, train=False, workers=t.workers, seed=t.seed)
+    run_dir = cfg.run_dir
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        n_train, n_val = len(data.train), len(data.val)
+        print(f"{cfg.name}: {n_train} train / {n_val} val images, {cfg.model.num_classes} classes "
+              f"{list(cfg.model.class_names)}; run folder {run_dir}")
+
+    def evaluate_fn(net: torch.nn.Module, epoch: int) -> dict:
+        device = next(net.parameters()).device
+        results = evaluate(net, postprocessor, val_loader, device, data.val.coco, data.val.label_to_cat_id,
+                           nms_iou=cfg.test.eval_nms_iou)
+        if is_main_process():
+            save_results(results, run_dir / f"eval_epoch{epoch + 1}.json")
+            _report(results, cfg, f"Evaluation after epoch {epoch + 1} on {data.paths.val_json}")
+        return results
+
+    trainer = Trainer(model, criterion, train_loader, t, run_dir, config_dict=to_dict(cfg),
+                      evaluate_fn=evaluate_fn, best_metric=primary_metric(cfg))
+    results = trainer.fit(resume=resume)
+    if is_main_process():
+        save_results(results, run_dir / "eval_final.json")
+        if num_pictures > 0:
+            files = [Path(data.paths.val_images) / img["file_name"] for img in data.val.coco["images"][:num_pictures]]
+            predictor = Predictor(_unwrap(model), cfg, device=select_device(t.device))
+            predictor.predict_files(files, run_dir / "predictions")
+            print(f"prediction pictures: {run_dir / 'predictions'}")
+    return results
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def evaluate_weights(weights: str | Path, overrides: list[str], out: str | Path | None = None,
+                     device: str = "auto") -> dict:
+    """Evaluate trained weights on the validation split of their dataset (or ``data=...`` from ``overrides``).
+
+    Writes the results JSON to ``out`` (default: ``eval.json`` beside the weights) and prints the table.
+
+    Raises:
+        ConfigError: the dataset's classes differ from the model's.
+    """
+    predictor = Predictor.from_weights(weights, device=device)
+    cfg = apply_overrides(predictor.cfg, overrides)
+    data = build_datasets(cfg, train=False)
+    if tuple(data.val.class_names) != tuple(cfg.model.class_names):
+        raise ConfigError(f"{data.paths.val_json}: classes {data.val.class_names} differ from the model's "
+                          f"{list(cfg.model.class_names)}")
+    loader = build_loader(data.val, cfg.train.batch_size, train=False, workers=cfg.train.workers, seed=cfg.train.seed)
+    postprocessor = build_postprocessor(cfg)
+    results = evaluate(predictor.model, postprocessor, loader, predictor.device, data.val.coco,
+                       data.val.label_to_cat_id, nms_iou=cfg.test.eval_nms_iou)
+    weights = Path(weights)
+    out = Path(out) if out else (weights if weights.is_dir() else weights.parent) / "eval.json"
+    save_results(results, out)
+    _report(results, cfg, f"{weights} on {data.paths.val_json}")
+    print(f"results: {out}")
+    return results
+
+
+def predict(weights: str | Path, files: list[Path], out: str | Path, score_thresh: float, draw: bool = True,
+            device: str = "auto") -> Path:
+    """Run trained weights on image files; writes ``detections.json`` and pictures into ``out``."""
+    predictor = Predictor.from_weights(weights, device=device)
+    json_path = predictor.predict_files(files, out, score_thresh=score_thresh, draw=draw)
+    records = json.loads(json_path.read_text())
+    n = sum(len(r["detections"]) for r in records)
+    print(f"{len(records)} images, {n} detections with score >= {score_thresh}: {json_path}")
+    return json_path
