@@ -1,0 +1,119 @@
+"""Shared assignment primitives for dense detectors: spatial priors and the POTO quality.
+
+Used by the FCOS, POTO, Aux and O2F assigners (``specs/dense.md`` §1.3, §2.3, §3.3 and "Design notes for one
+codebase": ``center_prior``, ``quality``). All boxes are xyxy in pixels of the network input; anchor points are
+``(x, y)`` pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+
+
+def pairwise_ltrb(points: Tensor, boxes: Tensor) -> Tensor:
+    """Distances from every anchor point to the four sides of every box.
+
+    Args:
+        points: ``float [R, 2]`` anchor points ``(x, y)`` in pixels.
+        boxes: ``float [G, 4]`` xyxy boxes in pixels.
+    Returns:
+        ``[G, R, 4]`` = ``(x - x1, y - y1, x2 - x, y2 - y)``; all four are > 0 iff the point is strictly inside.
+        Source: cvpods ``Shift2BoxTransform.get_deltas`` (``specs/dense.md`` §1.2 box coding).
+    """
+    x = points[None, :, 0]
+    y = points[None, :, 1]
+    return torch.stack(
+        (x - boxes[:, None, 0], y - boxes[:, None, 1], boxes[:, None, 2] - x, boxes[:, None, 3] - y), dim=-1
+    )
+
+
+def inside_box(points: Tensor, gt_boxes: Tensor) -> Tensor:
+    """``bool [G, R]``: anchor point ``r`` lies **strictly** inside GT box ``g`` (a point on an edge is out).
+
+    Args:
+        points: ``float [R, 2]`` anchor points in pixels.
+        gt_boxes: ``float [G, 4]`` xyxy pixels.
+    Source: ``specs/dense.md`` §1.3 (radius 0) and §2.3 Aux ("strictly inside the GT box"); DeFCN
+    ``playground/detection/coco/poto...3dmf.aux/fcos.py`` ``FCOS.get_aux_ground_truth`` (``deltas.min() > 0``).
+    """
+    return pairwise_ltrb(points, gt_boxes).amin(dim=-1) > 0
+
+
+def center_prior(
+    points: Tensor,
+    strides: Tensor,
+    gt_boxes: Tensor,
+    radius: float,
+    centers: Tensor | None = None,
+) -> Tensor:
+    """FCOS center-sampling region test, on every FPN level at once.
+
+    For GT ``g`` with center ``(cx, cy)`` and an anchor point of stride ``s``, the region is
+    ``[max(cx - radius·s, x1), max(cy - radius·s, y1), min(cx + radius·s, x2), min(cy + radius·s, y2)]`` (the
+    ``radius``-stride square clipped to the GT box). The point is in the prior iff all four distances to this
+    region are **strictly** positive, so a point exactly on the region boundary is out. ``radius <= 0`` means
+    "strictly inside the GT box" (:func:`inside_box`). There is no scale-range restriction here.
+
+    Args:
+        points: ``float [R, 2]`` anchor points ``(x, y)`` in pixels.
+        strides: ``float [R]`` stride (pixels) of each point's FPN level.
+        gt_boxes: ``float [G, 4]`` xyxy pixels.
+        radius: center-sampling radius in units of the stride (1.5 for FCOS-imprv, POTO, O2F; 0 on CrowdHuman).
+        centers: optional ``float [G, 2]`` region centers (e.g. mask centroids, §3.10); default box centers.
+    Returns:
+        ``bool [G, R]``.
+    Source: ``specs/dense.md`` §1.3 step 1 and §2.3 "Prior"; cvpods ``FCOS.get_ground_truth`` and DeFCN
+    ``playground/detection/coco/poto.res50.fpn.coco.800size.3x_ms/fcos.py`` ``FCOS.get_ground_truth``.
+    """
+    if radius <= 0:
+        return inside_box(points, gt_boxes)
+    if centers is None:
+        centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+    half = (strides.to(gt_boxes.dtype) * radius)[None, :, None]  # [1, R, 1]
+    lo = torch.maximum(centers[:, None, :] - half, gt_boxes[:, None, :2])  # [G, R, 2]
+    hi = torch.minimum(centers[:, None, :] + half, gt_boxes[:, None, 2:])  # [G, R, 2]
+    p = points[None, :, :]
+    return torch.cat((p - lo, hi - p), dim=-1).amin(dim=-1) > 0
+
+
+def poto_quality(prob: Tensor, iou: Tensor, alpha: float = 0.8) -> Tensor:
+    """POTO quality ``Q = prob^(1 - alpha) · IoU^alpha``, elementwise.
+
+    Inputs are clamped to ``[0, 1]`` and NaN is read as 0 first (a degenerate predicted box can give a 0/0 IoU),
+    so ``Q`` is always in ``[0, 1]``. ``0^0 = 1``: with ``alpha = 1`` the probability is ignored (pure IoU), with
+    ``alpha = 0`` the IoU is ignored (pure probability), even where the ignored factor is 0.
+
+    Args:
+        prob: ``float [G, R]`` predicted probability of each GT's class at each anchor point.
+        iou: ``float [G, R]`` IoU between each GT box and each predicted box.
+        alpha: weight of the IoU, 0.8 in DeFCN (``MODEL.POTO.ALPHA``) and O2F (``poto_alpha``).
+    Returns:
+        ``float [G, R]`` in ``[0, 1]``.
+    Source: ``specs/dense.md`` §2.3 POTO and §3.3 step 1; DeFCN ``poto.../fcos.py`` ``FCOS.get_ground_truth``.
+    """
+    prob = torch.nan_to_num(prob, nan=0.0).clamp(0.0, 1.0)
+    iou = torch.nan_to_num(iou, nan=0.0).clamp(0.0, 1.0)
+    return prob.pow(1.0 - alpha) * iou.pow(alpha)
+
+
+def quality_matrix(
+    scores: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, alpha: float = 0.8
+) -> Tensor:
+    """POTO quality of every (GT, anchor point) pair of one image, in fp32.
+
+    Args:
+        scores: ``[R, K]`` class probabilities (already sigmoid-ed; cls, or cls·filter / cls·ctr), detached.
+        pred_boxes: ``[R, 4]`` decoded predicted boxes, xyxy pixels, detached.
+        gt_boxes: ``float [G, 4]`` xyxy pixels.
+        gt_labels: ``int64 [G]`` classes in ``[0, K)``.
+        alpha: see :func:`poto_quality`.
+    Returns:
+        ``float32 [G, R]``: ``scores[r, gt_labels[g]]^(1-alpha) · IoU(gt_boxes[g], pred_boxes[r])^alpha``
+        with plain IoU (``torchvision.ops.box_iou``), not GIoU.
+    Source: ``specs/dense.md`` §2.3 (POTO and Aux) and §3.3; DeFCN ``FCOS.get_ground_truth``.
+    """
+    prob = scores.float()[:, gt_labels].t()  # [G, R]
+    iou = box_iou(gt_boxes.float(), pred_boxes.float())  # [G, R]
+    return poto_quality(prob, iou, alpha)

@@ -1,0 +1,186 @@
+"""Training criterion of the FCOS-style dense detectors: FCOS, POTO (Hungarian/argmax), 3DMF product score, Aux.
+
+Source: ``specs/dense.md`` §1.4 (FCOS losses) and §2.4 (DeFCN losses); cvpods ``cvpods/modeling/meta_arch/fcos.py``
+``FCOS.losses`` and DeFCN ``playground/detection/coco/poto.res50.fpn.coco.800size.3x_ms.3dmf.aux/fcos.py``
+``FCOS.losses`` / ``FCOS.aux_losses``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import generalized_box_iou_loss
+
+from e2edet.assign.auxiliary import AuxAssigner
+from e2edet.assign.base import DenseAssignment
+from e2edet.assign.fcos import DEFAULT_SCALE_RANGES, FCOSAssigner, centerness_target
+from e2edet.assign.poto import POTOAssigner
+from e2edet.losses.focal import prob_focal_loss, sigmoid_focal_loss
+from e2edet.utils.dist import reduce_mean
+
+ASSIGNERS = ("fcos", "poto", "poto_argmax")
+SCORES = ("cls", "cls_filter")
+
+
+class DenseCriterion(nn.Module):
+    """Assignment + named losses for a dense (one point per location) detector. No parameters.
+
+    - ``assigner="fcos"`` (§1.4): ``loss_cls`` = logit sigmoid focal over all points and classes
+      / ``max(1, N_pos_avg)``; ``loss_box`` = ``reg_weight`` · GIoU on positives weighted by the centerness target
+      / ``max(1, avg Σ centerness targets)``; ``loss_ctr`` = BCE-with-logits of ``pred_ctr`` on positives against the
+      centerness target / ``max(1, N_pos_avg)``.
+    - ``assigner="poto"`` / ``"poto_argmax"`` (§2.4): POTO one-to-one assignment on
+      ``sigmoid(cls)`` (``score="cls"``) or ``sigmoid(cls)·sigmoid(filter)`` (``score="cls_filter"``);
+      ``loss_cls`` = logit focal (``cls``) or probability-space focal on the product (``cls_filter``)
+      / ``max(1, N_pos_avg)``; ``loss_box`` = ``reg_weight`` · GIoU on positives / ``max(1, N_pos_avg)``, no
+      centerness weighting.
+    - ``aux=True`` (§2.4 Aux): ``loss_cls_aux`` = ``aux_weight`` · logit focal on the raw cls logits with the
+      :class:`~e2edet.assign.auxiliary.AuxAssigner` one-to-many labels / ``max(1, N_pos_aux_avg)``; no aux regression.
+
+    ``N_pos_avg`` is the positive count all-reduced and divided by the world size
+    (:func:`e2edet.utils.dist.reduce_mean`). GIoU is ``torchvision.ops.generalized_box_iou_loss`` between the
+    decoded predicted boxes and the matched GT boxes (xyxy pixels), equivalent to the ltrb GIoU of cvpods. With no
+    positive the box and centerness losses are exact zeros that stay connected to the graph.
+
+    Args:
+        num_classes: ``K``.
+        assigner: ``"fcos"``, ``"poto"`` or ``"poto_argmax"``.
+        score: ``"cls"`` or ``"cls_filter"`` (needs ``outputs["pred_filter"]``; POTO only).
+        aux: add the auxiliary one-to-many classification loss.
+        focal_alpha, focal_gamma: focal-loss parameters (0.25, 2.0).
+        reg_weight: weight of ``loss_box``; default 1.0 for FCOS, 2.0 for POTO (``REG_WEIGHT``).
+        poto_alpha: IoU weight of the POTO and Aux quality (0.8).
+        center_radius: center-prior radius in strides for FCOS and POTO (1.5; 0 = inside the box).
+        aux_topk: Aux candidates per GT per level (9).
+        aux_weight: weight of ``loss_cls_aux`` (1.0).
+        keep_infeasible: POTO Hungarian keeps matches outside the prior, as the official code does (default False:
+            dropped; see :class:`~e2edet.assign.poto.POTOAssigner`).
+        scale_ranges: FCOS per-level ``(lo, hi)`` ranges in pixels.
+    Raises:
+        ValueError: for an unknown ``assigner``/``score`` or ``score="cls_filter"`` with ``assigner="fcos"``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        assigner: str = "fcos",
+        score: str = "cls",
+        aux: bool = False,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        reg_weight: float | None = None,
+        poto_alpha: float = 0.8,
+        center_radius: float = 1.5,
+        aux_topk: int = 9,
+        aux_weight: float = 1.0,
+        keep_infeasible: bool = False,
+        scale_ranges: tuple[tuple[float, float], ...] = DEFAULT_SCALE_RANGES,
+    ) -> None:
+        super().__init__()
+        if assigner not in ASSIGNERS:
+            raise ValueError(f"assigner must be one of {ASSIGNERS}, got {assigner!r}")
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if assigner == "fcos" and score != "cls":
+            raise ValueError("the FCOS criterion trains a centerness branch; score='cls_filter' needs a POTO assigner")
+        self.num_classes = int(num_classes)
+        self.assigner_name = assigner
+        self.score = score
+        self.focal_alpha = float(focal_alpha)
+        self.focal_gamma = float(focal_gamma)
+        self.reg_weight = float(reg_weight if reg_weight is not None else (1.0 if assigner == "fcos" else 2.0))
+        self.aux_weight = float(aux_weight)
+        if assigner == "fcos":
+            self.assigner = FCOSAssigner(center_radius=center_radius, scale_ranges=scale_ranges)
+        else:
+            mode = "argmax" if assigner == "poto_argmax" else "hungarian"
+            self.assigner = POTOAssigner(poto_alpha, center_radius, mode=mode, keep_infeasible=keep_infeasible)
+        self.aux_assigner = AuxAssigner(alpha=poto_alpha, topk=aux_topk) if aux else None
+
+    def assign(self, outputs: dict, targets: list[dict]) -> DenseAssignment:
+        """Run the main assigner on detached predictions; see :meth:`forward` for ``outputs``/``targets``."""
+        if self.assigner_name == "fcos":
+            return self.assigner(outputs["points"], outputs["strides"], outputs["levels"], targets, self.num_classes)
+        with torch.no_grad():
+            prob = outputs["pred_logits"].detach().float().sigmoid()
+            if self.score == "cls_filter":
+                prob = prob * outputs["pred_filter"].detach().float().sigmoid().unsqueeze(-1)
+        return self.assigner(
+            prob, outputs["pred_boxes"].detach(), outputs["points"], outputs["strides"], targets, self.num_classes
+        )
+
+    def _focal(self, logits: Tensor, target: Tensor) -> Tensor:
+        return sigmoid_focal_loss(logits, target, self.focal_alpha, self.focal_gamma, reduction="sum")
+
+    def forward(self, outputs: dict, targets: list[dict], epoch: int = 0, max_epoch: int = 1) -> dict[str, Tensor]:
+        """Compute the losses of one batch.
+
+        Args:
+            outputs: model output dict (``docs/architecture.md``): ``pred_logits [B, R, K]``, ``pred_boxes
+                [B, R, 4]`` (decoded xyxy pixels), ``points [R, 2]``, ``strides [R]``, ``levels [R]``,
+                ``num_points_per_level`` (list[int], for ``aux``), ``pred_ctr [B, R]`` (FCOS) and
+                ``pred_filter [B, R]`` (``score="cls_filter"``).
+            targets: B dicts with ``boxes float32 [G, 4]`` xyxy pixels and ``labels int64 [G]`` (``G = 0`` allowed).
+            epoch, max_epoch: 0-based epoch and number of epochs, for schedule-driven assigners (O2F); unused by
+                FCOS/POTO/Aux.
+        Returns:
+            ``loss_cls``, ``loss_box`` (+ ``loss_ctr`` for FCOS, ``loss_cls_aux`` with ``aux``): weighted float32
+            scalars to sum; ``num_pos``, ``num_gt``, ``num_fg_per_gt`` (+ ``num_pos_aux``): detached float32
+            statistics of this process's batch.
+        Raises:
+            KeyError: if a required output key is missing; ValueError: if ``pred_logits`` has not ``K`` classes.
+        """
+        del epoch, max_epoch
+        logits = outputs["pred_logits"]
+        pred_boxes = outputs["pred_boxes"]
+        if logits.shape[-1] != self.num_classes:
+            raise ValueError(f"pred_logits has {logits.shape[-1]} classes, criterion expects {self.num_classes}")
+        assignment = self.assign(outputs, targets)
+        pos = assignment.pos_mask
+        num_pos = pos.sum()
+        normaliser = reduce_mean(num_pos).clamp(min=1.0)
+        cls_target = assignment.one_hot(self.num_classes)
+
+        if self.score == "cls_filter":
+            prob = logits.float().sigmoid() * outputs["pred_filter"].float().sigmoid().unsqueeze(-1)
+            loss_cls = prob_focal_loss(prob, cls_target, self.focal_alpha, self.focal_gamma, reduction="sum")
+        else:
+            loss_cls = self._focal(logits, cls_target)
+        losses = {"loss_cls": loss_cls / normaliser}
+
+        box_target = assignment.box_targets[pos]
+        giou = generalized_box_iou_loss(pred_boxes[pos].float(), box_target, reduction="none")
+        if self.assigner_name == "fcos":
+            points = outputs["points"].float().unsqueeze(0).expand(pos.shape[0], -1, -1)[pos]
+            ctr_target = centerness_target(points, box_target)
+            ctr_normaliser = reduce_mean(ctr_target.sum()).clamp(min=1.0)
+            losses["loss_box"] = self.reg_weight * (giou * ctr_target).sum() / ctr_normaliser
+            pred_ctr = outputs["pred_ctr"][pos].float()
+            losses["loss_ctr"] = F.binary_cross_entropy_with_logits(pred_ctr, ctr_target, reduction="sum") / normaliser
+        else:
+            losses["loss_box"] = self.reg_weight * giou.sum() / normaliser
+
+        num_gt = sum(int(t["boxes"].shape[0]) for t in targets)
+        stats = {
+            "num_pos": num_pos.detach().float(),
+            "num_gt": torch.tensor(float(num_gt), device=logits.device),
+            "num_fg_per_gt": num_pos.detach().float() / max(num_gt, 1),
+        }
+        if self.aux_assigner is not None:
+            with torch.no_grad():
+                cls_prob = logits.detach().float().sigmoid()
+            aux = self.aux_assigner(
+                cls_prob,
+                pred_boxes.detach(),
+                outputs["points"],
+                outputs["levels"],
+                list(outputs["num_points_per_level"]),
+                targets,
+                self.num_classes,
+            )
+            aux_normaliser = reduce_mean(aux.num_pos).clamp(min=1.0)
+            loss_aux = self._focal(logits, aux.one_hot(self.num_classes))
+            losses["loss_cls_aux"] = self.aux_weight * loss_aux / aux_normaliser
+            stats["num_pos_aux"] = aux.num_pos.detach().float()
+        return {**losses, **stats}
