@@ -1,0 +1,133 @@
+"""Resolving a dataset specification (a name or a path) to COCO JSON files and image folders."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from e2edet.data.convert import save_coco_json
+from e2edet.data.errors import dataset_error
+from e2edet.data.samples import cache_dir, prepare_trees
+from e2edet.data.voc import voc_class_names, voc_to_coco
+
+__all__ = ["DatasetPaths", "resolve_dataset", "find_bccd", "voc_as_coco", "ACCEPTED_SPECS"]
+
+ACCEPTED_SPECS = (
+    "'trees' (NEON tree crowns from the deepforest wheel; val = its test split), "
+    "'bccd' (blood cells: $E2EDET_BCCD or shared/data/bccd in the current folder or one above it), "
+    "a Pascal VOC folder (Annotations/, JPEGImages/, ImageSets/Main/{train,val}.txt), "
+    "or a dataset YAML file with keys train_json, train_images, val_json, val_images"
+)
+_YAML_KEYS = ("train_json", "train_images", "val_json", "val_images")
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """Where a dataset's splits are: COCO JSON files and the image folders their ``file_name``s are relative to."""
+
+    train_json: Path
+    train_images: Path
+    val_json: Path
+    val_images: Path
+    name: str
+
+
+def _is_voc_root(path: Path) -> bool:
+    return (path / "Annotations").is_dir() and (path / "JPEGImages").is_dir()
+
+
+def find_bccd() -> Path:
+    """Locate the BCCD VOC folder: ``$E2EDET_BCCD`` if set, else ``shared/data/bccd`` in the current
+    folder or any folder above it (so ``../shared/data/bccd`` from a repository clone).
+
+    Raises:
+        DatasetError: not found (the message lists the places looked at).
+    """
+    env = os.environ.get("E2EDET_BCCD")
+    candidates = [Path(env)] if env else []
+    cwd = Path.cwd().resolve()
+    candidates += [folder / "shared" / "data" / "bccd" for folder in (cwd, *cwd.parents)]
+    for candidate in candidates:
+        if _is_voc_root(candidate):
+            return candidate
+    looked = ", ".join(str(c) for c in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
+    raise dataset_error("bccd", "dataset", f"BCCD VOC folder not found (set $E2EDET_BCCD); looked at {looked}")
+
+
+def voc_as_coco(voc_root: str | Path, name: str | None = None) -> DatasetPaths:
+    """Convert a VOC folder's ``train`` and ``val`` splits to COCO JSON in the cache (or reuse them).
+
+    Both splits use the same classes: the sorted set of names found in train and val. The cache entry is
+    ``cache_dir()/voc/<name>-<key>`` where the key hashes the resolved folder path and the modification
+    times of every XML and split file, so editing an annotation triggers a new conversion.
+
+    Raises:
+        DatasetError: from :func:`~e2edet.data.voc.voc_to_coco` (missing split file, bad XML, ...).
+    """
+    root = Path(voc_root).resolve()
+    name = name or root.name
+    digest = hashlib.sha256(f"e2edet-voc-v1\n{root}\n".encode())
+    watched = sorted((root / "Annotations").glob("*.xml")) + sorted((root / "ImageSets" / "Main").glob("*.txt"))
+    for path in watched:
+        digest.update(f"{path.name}:{path.stat().st_mtime_ns}\n".encode())
+    out = cache_dir() / "voc" / f"{name}-{digest.hexdigest()[:16]}"
+    train_json, val_json = out / "train.json", out / "val.json"
+    if not (train_json.is_file() and val_json.is_file()):
+        class_names = voc_class_names(root, ["train", "val"])
+        save_coco_json(voc_to_coco(root, "train", class_names), train_json)
+        save_coco_json(voc_to_coco(root, "val", class_names), val_json)
+    images = root / "JPEGImages"
+    return DatasetPaths(train_json, images, val_json, images, name)
+
+
+def _from_yaml(path: Path) -> DatasetPaths:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise dataset_error(path, "file", f"invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise dataset_error(path, "top level", f"expected a mapping with keys {', '.join(_YAML_KEYS)}")
+    missing = [k for k in _YAML_KEYS if k not in data]
+    if missing:
+        raise dataset_error(path, "top level", f"missing key(s) {', '.join(missing)}")
+    resolved = {}
+    for key in _YAML_KEYS:
+        value = (path.parent / str(data[key])).resolve()
+        exists = value.is_file() if key.endswith("json") else value.is_dir()
+        if not exists:
+            raise dataset_error(path, key, f"{value} does not exist")
+        resolved[key] = value
+    return DatasetPaths(**resolved, name=str(data.get("name") or path.stem))
+
+
+def resolve_dataset(spec: str | Path) -> DatasetPaths:
+    """Turn a dataset specification into :class:`DatasetPaths`.
+
+    Accepted: ``"trees"`` (:func:`~e2edet.data.samples.prepare_trees`; its test split is used for
+    validation), ``"bccd"`` (:func:`find_bccd`, converted like a VOC folder), a Pascal VOC folder
+    (:func:`voc_as_coco`), or a YAML file with ``train_json``, ``train_images``, ``val_json``,
+    ``val_images`` paths relative to the YAML's folder (optional ``name``).
+
+    Raises:
+        DatasetError: an unknown specification (the message lists the accepted forms), a YAML file with
+            missing keys or paths, or any conversion problem.
+    """
+    text = str(spec)
+    if text == "trees":
+        paths = prepare_trees()
+        return DatasetPaths(
+            paths["train_json"], paths["train_images"], paths["test_json"], paths["test_images"], "trees"
+        )
+    if text == "bccd":
+        return voc_as_coco(find_bccd(), name="bccd")
+    path = Path(text).expanduser()
+    if path.is_dir() and _is_voc_root(path):
+        return voc_as_coco(path)
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
+        return _from_yaml(path)
+    problem = "is a folder but not a VOC root" if path.is_dir() else "is not a known dataset name or an existing path"
+    raise dataset_error(text, "dataset spec", f"{problem}; accepted: {ACCEPTED_SPECS}")

@@ -1,0 +1,210 @@
+"""Reading and validating COCO detection annotation files.
+
+A COCO detection file is a JSON object with ``images`` (``id``, ``file_name``, ``width``, ``height``),
+``categories`` (``id``, ``name``) and ``annotations`` (``id``, ``image_id``, ``category_id``, ``bbox``
+as COCO ``[x, y, w, h]`` in pixels with the origin at the top-left image corner, optional ``iscrowd``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+from e2edet.data.errors import DatasetError, dataset_error
+
+__all__ = ["load_coco_json", "validate_coco", "BOX_TOLERANCE", "MAX_LISTED_PROBLEMS"]
+
+BOX_TOLERANCE = 1.0
+"""Pixels a COCO box may extend past the image border before it is reported as outside the image."""
+
+MAX_LISTED_PROBLEMS = 20
+"""How many problems one :class:`DatasetError` from :func:`validate_coco` lists (the count is always given)."""
+
+
+def load_coco_json(path: str | Path) -> dict:
+    """Read a COCO JSON file.
+
+    Args:
+        path: the ``.json`` file.
+
+    Returns:
+        The parsed JSON value (normally a dict; pass it to :func:`validate_coco`).
+
+    Raises:
+        DatasetError: the file does not exist, is a directory, is empty (0 bytes or only whitespace),
+            is not UTF-8, or is not valid JSON (the message gives line and column of the error).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise dataset_error(path, "file", "does not exist")
+    if path.is_dir():
+        raise dataset_error(path, "file", "is a directory, expected a COCO .json file")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise dataset_error(path, "file", f"is empty ({len(raw)} bytes), expected a COCO JSON object")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise dataset_error(path, f"byte {exc.start}", "is not UTF-8 text") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise dataset_error(path, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}") from exc
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_images(images: list, problems: list[str], image_root: Path | None) -> dict[int, dict]:
+    by_id: dict[int, dict] = {}
+    for index, img in enumerate(images):
+        if not isinstance(img, dict):
+            problems.append(f"images[{index}]: is not an object")
+            continue
+        missing = [k for k in ("id", "file_name", "width", "height") if k not in img]
+        if missing:
+            problems.append(f"images[{index}]: missing key(s) {', '.join(missing)}")
+            continue
+        img_id, name = img["id"], img["file_name"]
+        record = f"image id {img_id!r} ({name})"
+        if not _is_int(img_id):
+            problems.append(f"images[{index}]: id {img_id!r} is not an integer")
+            continue
+        if img_id in by_id:
+            problems.append(f"{record}: duplicate image id (also used by {by_id[img_id]['file_name']})")
+            continue
+        if not isinstance(name, str) or not name:
+            problems.append(f"{record}: file_name must be a non-empty string")
+            continue
+        w, h = img["width"], img["height"]
+        if not (_is_number(w) and _is_number(h) and w > 0 and h > 0):
+            problems.append(f"{record}: width/height must be positive numbers, got {w!r} x {h!r}")
+            continue
+        if image_root is not None and not (image_root / name).is_file():
+            problems.append(f"{record}: image file {image_root / name} not found")
+        by_id[img_id] = img
+    return by_id
+
+
+def _check_categories(categories: list, problems: list[str]) -> set[int]:
+    ids: set[int] = set()
+    for index, cat in enumerate(categories):
+        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+            problems.append(f"categories[{index}]: must be an object with keys id and name")
+            continue
+        if not _is_int(cat["id"]):
+            problems.append(f"categories[{index}]: id {cat['id']!r} is not an integer")
+        elif cat["id"] in ids:
+            problems.append(f"category id {cat['id']} ({cat['name']}): duplicate category id")
+        else:
+            ids.add(cat["id"])
+    return ids
+
+
+def _check_box(record: str, bbox: Any, img: dict, problems: list[str]) -> None:
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        problems.append(f"{record}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+        return
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        problems.append(f"{record}: bbox {list(bbox)} has non-positive width or height")
+        return
+    W, H, tol = float(img["width"]), float(img["height"]), BOX_TOLERANCE
+    if x < -tol or y < -tol or x + w > W + tol or y + h > H + tol:
+        problems.append(
+            f"{record}: bbox [x={x:g}, y={y:g}, w={w:g}, h={h:g}] lies outside the image "
+            f"{img['file_name']} of size {W:g} x {H:g} (tolerance {tol:g} px)"
+        )
+
+
+def _check_annotations(anns: list, images: dict[int, dict], cat_ids: set[int], problems: list[str]) -> None:
+    seen: set[Any] = set()
+    for index, ann in enumerate(anns):
+        if not isinstance(ann, dict):
+            problems.append(f"annotations[{index}]: is not an object")
+            continue
+        missing = [k for k in ("id", "image_id", "category_id", "bbox") if k not in ann]
+        if missing:
+            problems.append(f"annotations[{index}]: missing key(s) {', '.join(missing)}")
+            continue
+        record = f"annotation id {ann['id']!r} (image id {ann['image_id']!r})"
+        bad = [k for k in ("id", "image_id", "category_id") if not _is_int(ann[k])]
+        if bad:
+            problems.append(f"{record}: {', '.join(bad)} must be integer(s)")
+            continue
+        if ann["id"] in seen:
+            problems.append(f"{record}: duplicate annotation id")
+        seen.add(ann["id"])
+        img = images.get(ann["image_id"])
+        if img is None:
+            problems.append(f"{record}: unknown image_id {ann['image_id']!r}")
+        if ann["category_id"] not in cat_ids:
+            problems.append(f"{record}: unknown category_id {ann['category_id']!r}")
+        if ann.get("iscrowd", 0) not in (0, 1):
+            problems.append(f"{record}: iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
+        if img is not None:
+            _check_box(record, ann["bbox"], img, problems)
+
+
+def validate_coco(
+    coco: Any, source: str | Path, image_root: str | Path | None = None, check_files: bool = True
+) -> None:
+    """Check a COCO detection dict and report every problem at once.
+
+    Checked: the value is a non-empty dict with ``images`` and ``categories`` lists (``annotations``
+    may be absent, meaning no boxes); required keys of every record; unique image, category and
+    annotation ids; annotations refer to existing images and categories; ``bbox`` is 4 finite numbers
+    ``[x, y, w, h]`` (COCO xywh, pixels) with ``w > 0`` and ``h > 0`` that lies inside the image up to
+    :data:`BOX_TOLERANCE` pixels; ``iscrowd`` is 0/1; and, when ``check_files`` and ``image_root`` are
+    given, that every ``image_root / file_name`` exists.
+
+    Args:
+        coco: the parsed JSON (see :func:`load_coco_json`).
+        source: the file it came from, used in messages.
+        image_root: folder the ``file_name`` entries are relative to.
+        check_files: check that the image files exist (needs ``image_root``).
+
+    Raises:
+        DatasetError: listing up to :data:`MAX_LISTED_PROBLEMS` problems, one per line in the form
+            ``"<source>: <record>: <problem>"``, after a line giving their total count.
+    """
+    if not isinstance(coco, dict):
+        raise dataset_error(source, "top level", f"expected a JSON object, got {type(coco).__name__}")
+    if not coco:
+        raise dataset_error(source, "top level", "empty JSON object, expected images/annotations/categories")
+    for key in ("images", "categories"):
+        if key not in coco:
+            raise dataset_error(source, "top level", f"no '{key}' list (is this a COCO detection file?)")
+        if not isinstance(coco[key], list):
+            raise dataset_error(source, key, f"expected a list, got {type(coco[key]).__name__}")
+    if not coco["categories"]:
+        raise dataset_error(source, "categories", "the list is empty; at least one category is needed")
+    anns = coco.get("annotations", [])
+    if not isinstance(anns, list):
+        raise dataset_error(source, "annotations", f"expected a list, got {type(anns).__name__}")
+
+    problems: list[str] = []
+    root = Path(image_root) if (check_files and image_root is not None) else None
+    if root is not None and not root.is_dir():
+        raise dataset_error(source, "image_root", f"image folder {root} does not exist")
+    images = _check_images(coco["images"], problems, root)
+    cat_ids = _check_categories(coco["categories"], problems)
+    _check_annotations(anns, images, cat_ids, problems)
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise DatasetError(f"{source}: {problems[0]}")
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    lines = [f"{source}: {len(problems)} problems found (showing {len(shown)}):"]
+    lines += [f"{source}: {p}" for p in shown]
+    if len(problems) > len(shown):
+        lines.append(f"... and {len(problems) - len(shown)} more")
+    raise DatasetError("\n".join(lines))

@@ -1,0 +1,148 @@
+"""YOLO text labels → COCO detection dicts, and class-name lists.
+
+A YOLO label file ``labels_dir/<image stem>.txt`` has one object per line, ``class cx cy w h``, where
+``class`` is a 0-based class index and the box is centre/size normalised by the image width and height
+(``cx, w`` divided by W, ``cy, h`` divided by H, all in ``[0, 1]``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+from PIL import Image, UnidentifiedImageError
+
+from e2edet.data.errors import dataset_error
+
+__all__ = ["read_class_names", "yolo_to_coco", "YOLO_TOLERANCE"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+YOLO_TOLERANCE = 1e-3
+"""How far a normalised YOLO value may lie outside ``[0, 1]`` (rounding) before it is an error."""
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Read class names from a text file (one per line) or a YOLO ``data.yaml`` (key ``names``).
+
+    ``names`` may be a list, or a dict ``{index: name}`` whose keys are ``0..K-1``.
+
+    Returns:
+        The names in label order.
+
+    Raises:
+        DatasetError: missing file, invalid YAML, no ``names``, non-contiguous dict keys, an empty list
+            or a duplicate name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise dataset_error(path, "file", "class-name file does not exist")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise dataset_error(path, "file", f"invalid YAML: {exc}") from exc
+        if not isinstance(data, dict) or "names" not in data:
+            raise dataset_error(path, "top level", "no 'names' key (list or {index: name} mapping)")
+        names = data["names"]
+        if isinstance(names, dict):
+            if sorted(names) != list(range(len(names))):
+                raise dataset_error(path, "names", f"keys must be 0..{len(names) - 1}, got {sorted(names)}")
+            names = [names[i] for i in range(len(names))]
+        if not isinstance(names, list):
+            raise dataset_error(path, "names", f"expected a list or mapping, got {type(names).__name__}")
+        names = [str(n).strip() for n in names]
+    else:
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise dataset_error(path, "names", "no class names found")
+    for index, name in enumerate(names):
+        if not name or names.index(name) != index:
+            raise dataset_error(path, f"class {index}", f"empty or duplicate class name {name!r}")
+    return names
+
+
+def _parse_line(label_file: Path, line_no: int, line: str, num_classes: int) -> tuple[int, list[float]]:
+    record = f"line {line_no}"
+    fields = line.split()
+    if len(fields) != 5:
+        raise dataset_error(label_file, record, f"expected 5 fields 'class cx cy w h', got {len(fields)}: {line!r}")
+    try:
+        cls_value = float(fields[0])
+        values = [float(v) for v in fields[1:]]
+    except ValueError:
+        raise dataset_error(label_file, record, f"fields must be numbers: {line!r}") from None
+    if not cls_value.is_integer() or not 0 <= cls_value < num_classes:
+        raise dataset_error(label_file, record, f"class {fields[0]} out of range 0..{num_classes - 1}")
+    if not all(-YOLO_TOLERANCE <= v <= 1 + YOLO_TOLERANCE for v in values):
+        raise dataset_error(label_file, record, f"normalised values must be in [0, 1], got {fields[1:]}")
+    if values[2] <= 0 or values[3] <= 0:
+        raise dataset_error(label_file, record, f"box width/height must be positive, got {fields[3:]}")
+    return int(cls_value), values
+
+
+def yolo_to_coco(
+    images_dir: str | Path, labels_dir: str | Path, class_names: Sequence[str] | str | Path
+) -> dict:
+    """Convert a folder of images with YOLO label files to a COCO detection dict.
+
+    Args:
+        images_dir: folder with the images (``.jpg .jpeg .png .bmp .tif .tiff .webp``; not recursive).
+        labels_dir: folder with ``<image stem>.txt`` label files. An image without one has no boxes.
+        class_names: names in class-index order, or a file for :func:`read_class_names`.
+
+    Returns:
+        COCO dict: images with ids ``1..N`` in sorted file-name order (size from the image header,
+        ``file_name`` relative to ``images_dir``), categories ``1..K`` in class order, annotations with
+        ``bbox`` COCO ``[x, y, w, h]`` pixels, clipped to the image. Label files without an image are
+        reported by one counted ``UserWarning``.
+
+    Raises:
+        DatasetError: no images, unreadable image header, or a bad label line (field count, non-numeric,
+            class out of range, value outside ``[0, 1]`` by more than :data:`YOLO_TOLERANCE`, non-positive
+            size); the message names the label file and the line number.
+    """
+    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    if not isinstance(class_names, (list, tuple)):
+        class_names = read_class_names(class_names)
+    if not images_dir.is_dir():
+        raise dataset_error(images_dir, "folder", "images folder does not exist")
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise dataset_error(images_dir, "folder", f"contains no images ({', '.join(IMAGE_SUFFIXES)})")
+    coco: dict = {
+        "info": {"description": f"converted from YOLO labels {labels_dir}"},
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)],
+    }
+    for image_id, image in enumerate(images, start=1):
+        try:
+            with Image.open(image) as im:
+                width, height = im.size
+        except (UnidentifiedImageError, OSError) as exc:
+            raise dataset_error(image, "header", f"cannot read the image: {exc}") from exc
+        coco["images"].append({"id": image_id, "file_name": image.name, "width": width, "height": height})
+        label_file = labels_dir / f"{image.stem}.txt"
+        if not label_file.is_file():
+            continue
+        for line_no, line in enumerate(label_file.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            cls, (cx, cy, w, h) = _parse_line(label_file, line_no, line, len(class_names))
+            x1, y1 = max((cx - w / 2) * width, 0.0), max((cy - h / 2) * height, 0.0)
+            x2, y2 = min((cx + w / 2) * width, width), min((cy + h / 2) * height, height)
+            if x2 <= x1 or y2 <= y1:
+                raise dataset_error(label_file, f"line {line_no}", "box has no area inside the image")
+            coco["annotations"].append({
+                "id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": cls + 1,
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
+            })
+    stems = {p.stem for p in images}
+    orphans = sorted(p.name for p in labels_dir.glob("*.txt") if p.stem not in stems) if labels_dir.is_dir() else []
+    orphans = [n for n in orphans if n != "classes.txt"]
+    if orphans:
+        message = f"{labels_dir}: {len(orphans)} label file(s) without an image: {orphans[:5]}"
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return coco
