@@ -1,0 +1,140 @@
+"""Dense one-stage detector (FCOS / POTO / DeFCN): backbone -> FPN P3-P7 -> ``DenseHead`` -> predictions dict.
+
+Spec ``dense.md`` 1.2 and "Design notes for one codebase" (one FCOS-style model with switches). The output dict is
+the "Model output" contract of ``docs/architecture.md``; no loss code lives here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from e2edet.models.backbone import build_backbone
+from e2edet.models.dense.box_coder import decode_ltrb
+from e2edet.models.dense.head import DenseHead
+from e2edet.models.dense.points import anchor_points
+from e2edet.models.fpn import FPN
+
+__all__ = ["DenseDetector", "flatten_levels"]
+
+
+def flatten_levels(per_level: list[torch.Tensor]) -> torch.Tensor:
+    """``[B, C, H_l, W_l]`` per level -> ``[B, sum_l H_l·W_l, C]`` (cvpods ``permute_to_N_HWA_K`` with A = 1, then
+    concatenation over levels), matching the row-major point order of ``anchor_points``."""
+    return torch.cat([x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1]) for x in per_level], dim=1)
+
+
+class DenseDetector(nn.Module):
+    """FCOS-style detector with optional centerness (FCOS) or 3DMF + filter (DeFCN) branch.
+
+    Args:
+        backbone_name: ``resnet18/34/50/101`` or ``mobilenet_v2`` (see ``build_backbone``).
+        num_classes: ``K`` foreground classes.
+        pretrained: load torchvision ImageNet weights for the backbone (warns and falls back when unavailable).
+        fpn_channels: FPN and head width (256 in FCOS).
+        num_convs: head tower depth (4 in FCOS).
+        centerness: FCOS centerness branch (on the regression tower).
+        max_filter: DeFCN 3DMF + filter branch.
+        max_filter_gn: GroupNorm inside 3DMF.
+        freeze_at: backbone stages to freeze (cvpods ``FREEZE_AT``).
+        norm: backbone norm (``None`` = FrozenBN when pretrained, BN otherwise).
+
+    Attributes:
+        num_classes, strides (``[8, 16, 32, 64, 128]``), hparams (dict of the constructor arguments, for
+        ``DenseDetector(**hparams)`` reconstruction), backbone, fpn, head.
+    """
+
+    def __init__(
+        self,
+        backbone_name: str = "resnet50",
+        num_classes: int = 80,
+        pretrained: bool = True,
+        fpn_channels: int = 256,
+        num_convs: int = 4,
+        centerness: bool = False,
+        max_filter: bool = False,
+        max_filter_gn: bool = True,
+        freeze_at: int = 2,
+        norm: str | None = None,
+    ):
+        super().__init__()
+        self.hparams = dict(
+            backbone_name=backbone_name,
+            num_classes=num_classes,
+            pretrained=pretrained,
+            fpn_channels=fpn_channels,
+            num_convs=num_convs,
+            centerness=centerness,
+            max_filter=max_filter,
+            max_filter_gn=max_filter_gn,
+            freeze_at=freeze_at,
+            norm=norm,
+        )
+        self.num_classes = num_classes
+        self.backbone = build_backbone(backbone_name, pretrained=pretrained, norm=norm, freeze_at=freeze_at)
+        self.fpn = FPN(self.backbone.out_channels, fpn_channels)
+        self.strides = list(self.fpn.strides)
+        self.head = DenseHead(
+            fpn_channels,
+            num_classes,
+            num_levels=len(self.strides),
+            num_convs=num_convs,
+            centerness=centerness,
+            max_filter=max_filter,
+            max_filter_gn=max_filter_gn,
+            strides=tuple(self.strides),
+        )
+        self._point_cache: dict[tuple, tuple] = {}
+
+    def _anchor_points(self, sizes: list[tuple[int, int]], device: torch.device) -> tuple:
+        """float32 ``anchor_points`` for these level sizes, cached per (sizes, device); no caching while tracing or
+        exporting (the tensors would belong to the trace). float32 even under bf16 autocast, where 8 mantissa bits
+        could not represent pixel coordinates exactly."""
+        dtype = torch.float32
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return anchor_points(sizes, self.strides, device=device, dtype=dtype)
+        key = (tuple(sizes), str(device))
+        if key not in self._point_cache:
+            if len(self._point_cache) >= 32:  # multi-scale training: keep the cache bounded
+                self._point_cache.clear()
+            self._point_cache[key] = anchor_points(sizes, self.strides, device=device, dtype=dtype)
+        return self._point_cache[key]
+
+    def forward(self, images: torch.Tensor) -> dict:
+        """Run the detector.
+
+        Args:
+            images: ``[B, 3, H, W]`` normalised RGB, ``H`` and ``W`` multiples of 32 (padded input).
+
+        Returns:
+            dict (``docs/architecture.md`` "Model output"), ``R`` = anchor points over P3..P7:
+            ``pred_logits`` ``[B, R, K]``; ``pred_boxes`` ``[B, R, 4]`` xyxy pixels of the padded input;
+            ``pred_ltrb`` ``[B, R, 4]`` pixels >= 0; ``pred_ctr`` ``[B, R]`` logits (only with ``centerness``);
+            ``pred_filter`` ``[B, R]`` logits (only with ``max_filter``); ``points`` ``[R, 2]`` (x, y) pixels;
+            ``strides`` ``[R]`` float; ``levels`` ``[R]`` int64 (0 = P3); ``num_points_per_level`` ``list[int]``.
+
+        Raises:
+            ValueError: when ``images`` is not ``[B, 3, H, W]`` or ``H``/``W`` is not a multiple of 32.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        h, w = int(images.shape[-2]), int(images.shape[-1])
+        if h % 32 != 0 or w % 32 != 0:
+            raise ValueError(f"image height and width must be multiples of 32 (pad the batch), got {h}x{w}")
+        features = self.fpn(self.backbone(images))
+        head_out = self.head(features)
+        sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+        points, strides, levels, counts = self._anchor_points(sizes, images.device)
+
+        ltrb = flatten_levels(head_out["bbox_ltrb"])
+        out = {
+            "pred_logits": flatten_levels(head_out["cls_logits"]),
+            "pred_boxes": decode_ltrb(points.unsqueeze(0), ltrb),
+            "pred_ltrb": ltrb,
+        }
+        if "centerness" in head_out:
+            out["pred_ctr"] = flatten_levels(head_out["centerness"]).squeeze(-1)
+        if "filter" in head_out:
+            out["pred_filter"] = flatten_levels(head_out["filter"]).squeeze(-1)
+        out.update(points=points, strides=strides, levels=levels, num_points_per_level=list(counts))
+        return out

@@ -1,0 +1,141 @@
+"""Post-processing of dense-detector outputs: per-level top-k + score threshold, global sort, top-N, optional NMS.
+
+Spec ``dense.md`` 1.5 (cvpods ``FCOS.inference_single_image``, ``postprocessing.py::detector_postprocess``), 2.5 (DeFCN
+``FCOS.inference_single_image``: score cls·filter, no NMS) and 3.5 (O2F: score cls·ctr).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchvision import ops as tv_ops
+
+__all__ = ["DensePostProcessor", "SCORE_MODES"]
+
+SCORE_MODES = ("cls", "cls_filter", "cls_ctr_sqrt", "cls_ctr")
+
+
+def _as_sizes(sizes: torch.Tensor | Sequence, batch: int, name: str) -> torch.Tensor:
+    """``[B, 2]`` (h, w) sizes (tensor, nested list, or list of ``[2]`` tensors such as ``target["size"]``) as a
+    float64 CPU tensor; raises ValueError on a wrong shape."""
+    if not torch.is_tensor(sizes) and len(sizes) and torch.is_tensor(sizes[0]):
+        sizes = torch.stack([torch.as_tensor(s).cpu() for s in sizes])
+    t = torch.as_tensor(sizes, dtype=torch.float64, device="cpu").reshape(-1, 2)
+    if t.shape[0] != batch:
+        raise ValueError(f"{name} has {t.shape[0]} rows for a batch of {batch} images")
+    return t
+
+
+class DensePostProcessor:
+    """Turn the dense model output dict into per-image detections in original-image pixels.
+
+    Score modes (probabilities p = sigmoid(cls), per (point, class); one point may emit several classes):
+
+    - ``"cls"``: p (POTO). Threshold and top-k on p.
+    - ``"cls_filter"``: p · sigmoid(filter) (DeFCN 3DMF). Threshold and top-k on the product.
+    - ``"cls_ctr_sqrt"``: FCOS (cvpods): threshold and top-k on p **before** centerness, final score
+      sqrt(p · sigmoid(ctr)).
+    - ``"cls_ctr"``: p · sigmoid(ctr) (O2F / MMDetection). Threshold and top-k on the product.
+
+    Per image and per level: flatten (point, class), keep the top ``min(topk_candidates, #points in the level)``
+    entries, keep those > ``score_thresh``. Then concatenate levels, apply class-aware ``torchvision.ops.batched_nms``
+    only when ``nms_iou`` is given, sort by score (descending), keep ``max_detections``, rescale from the network input
+    size to the original size (per-axis factors), clip to the original image and drop empty boxes (width or height 0).
+
+    Args:
+        score: one of ``SCORE_MODES``.
+        score_thresh: candidate threshold (0.05).
+        topk_candidates: per-level candidate cap (1000).
+        max_detections: detections kept per image (100; 500 on CrowdHuman).
+
+    Raises:
+        ValueError: unknown ``score`` mode.
+    """
+
+    def __init__(
+        self, score: str = "cls", score_thresh: float = 0.05, topk_candidates: int = 1000, max_detections: int = 100
+    ):
+        if score not in SCORE_MODES:
+            raise ValueError(f"unknown score mode '{score}'; valid: {', '.join(SCORE_MODES)}")
+        self.score = score
+        self.score_thresh = float(score_thresh)
+        self.topk_candidates = int(topk_candidates)
+        self.max_detections = int(max_detections)
+
+    def _candidates(self, outputs: dict, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-level top-k + threshold for image ``b`` -> (boxes ``[n, 4]``, scores ``[n]``, labels ``[n]`` int64)."""
+        logits = outputs["pred_logits"][b].float()
+        num_points, num_classes = logits.shape
+        prob = logits.sigmoid()
+        if self.score == "cls_filter":
+            prob = prob * outputs["pred_filter"][b].float().sigmoid().unsqueeze(-1)
+        elif self.score in ("cls_ctr", "cls_ctr_sqrt"):
+            ctr = outputs["pred_ctr"][b].float().sigmoid()
+            if self.score == "cls_ctr":
+                prob = prob * ctr.unsqueeze(-1)
+        counts = outputs.get("num_points_per_level", [num_points])
+        boxes, scores, labels = [], [], []
+        start = 0
+        for count in counts:
+            flat = prob[start : start + count].reshape(-1)
+            values, index = flat.topk(min(self.topk_candidates, count, flat.numel()))
+            keep = values > self.score_thresh
+            values, index = values[keep], index[keep]
+            point = start + torch.div(index, num_classes, rounding_mode="floor")
+            if self.score == "cls_ctr_sqrt":
+                values = torch.sqrt(values * ctr[point])
+            boxes.append(outputs["pred_boxes"][b][point].float())
+            scores.append(values)
+            labels.append(index % num_classes)
+            start += count
+        return torch.cat(boxes), torch.cat(scores), torch.cat(labels).to(torch.int64)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        outputs: dict,
+        image_sizes: torch.Tensor | Sequence,
+        orig_sizes: torch.Tensor | Sequence,
+        nms_iou: float | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Post-process a batch.
+
+        Args:
+            outputs: model output dict (``docs/architecture.md``): ``pred_logits`` ``[B, R, K]``, ``pred_boxes``
+                ``[B, R, 4]`` xyxy pixels of the network input, ``num_points_per_level``, and ``pred_filter``
+                ``[B, R]`` / ``pred_ctr`` ``[B, R]`` logits for the modes that use them.
+            image_sizes: ``[B, 2]`` (h, w) of the resized, unpadded network input (``target["size"]``); a tensor,
+                a nested list or a list of ``[2]`` tensors.
+            orig_sizes: ``[B, 2]`` (h, w) of the original images (``target["orig_size"]``), same forms.
+            nms_iou: IoU threshold of class-aware NMS; ``None`` (default) never runs NMS.
+
+        Returns:
+            one dict per image: ``boxes`` ``[k, 4]`` float32 xyxy pixels of the original image, ``scores`` ``[k]``
+            sorted descending, ``labels`` ``[k]`` int64 in ``[0, K)``; ``k <= max_detections``.
+
+        Raises:
+            ValueError: the score mode needs ``pred_filter``/``pred_ctr`` and it is missing, or sizes do not match B.
+        """
+        needed = {"cls_filter": "pred_filter", "cls_ctr": "pred_ctr", "cls_ctr_sqrt": "pred_ctr"}.get(self.score)
+        if needed is not None and needed not in outputs:
+            raise ValueError(f"score mode '{self.score}' needs '{needed}' in the model outputs")
+        batch = outputs["pred_logits"].shape[0]
+        image_sizes = _as_sizes(image_sizes, batch, "image_sizes")
+        orig_sizes = _as_sizes(orig_sizes, batch, "orig_sizes")
+        results = []
+        for b in range(batch):
+            boxes, scores, labels = self._candidates(outputs, b)
+            if nms_iou is not None:
+                order = tv_ops.batched_nms(boxes, scores, labels, float(nms_iou))
+            else:
+                order = torch.sort(scores, descending=True, stable=True).indices
+            order = order[: self.max_detections]
+            boxes, scores, labels = boxes[order], scores[order], labels[order]
+
+            (in_h, in_w), (orig_h, orig_w) = image_sizes[b].tolist(), orig_sizes[b].tolist()
+            factor = boxes.new_tensor([orig_w / in_w, orig_h / in_h, orig_w / in_w, orig_h / in_h])
+            boxes = tv_ops.clip_boxes_to_image(boxes * factor, (int(orig_h), int(orig_w)))
+            nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            results.append({"boxes": boxes[nonempty], "scores": scores[nonempty], "labels": labels[nonempty]})
+        return results
