@@ -1,0 +1,256 @@
+"""Checkpoints: ``checkpoints/<tag>/model.safetensors`` + ``state.pt``, written atomically.
+
+Layout of one checkpoint directory (``tag`` is ``"last"`` or ``"best"``)::
+
+    <run_dir>/checkpoints/<tag>/model.safetensors   weights of the unwrapped model; metadata
+                                                   {"format": "e2edet-v1", "e2edet_config": <JSON run config>}
+    <run_dir>/checkpoints/<tag>/state.pt            {"format", "optimizer", "scheduler", "trainer_state"}
+
+Both files are first written to a hidden temporary sibling (``checkpoints/.<tag>.tmp``), which then replaces
+``<tag>``: the previous checkpoint is renamed to ``.<tag>.old`` and deleted only after the new directory is in
+place, and a crash between the two renames is repaired on the next save or load. A failure while writing
+leaves the previous checkpoint untouched and removes the partial directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = "e2edet-v1"
+WEIGHTS_NAME = "model.safetensors"
+STATE_NAME = "state.pt"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel``/``DataParallel`` wrappers (``model`` itself otherwise)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _weights_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous copy-on-share state dict that ``safetensors.save_file`` accepts (tied weights cloned)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in unwrap_model(model).state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        tensor = value.detach().cpu().contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen and tensor.numel() > 0:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
+def _repair(root: Path, tag: str) -> None:
+    """Undo a crash that happened between renaming ``<tag>`` away and renaming the new one into place."""
+    final, old = root / tag, root / f".{tag}.old"
+    if old.is_dir():
+        if final.is_dir():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    tag: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    config: dict[str, Any] | None,
+) -> Path:
+    """Atomically write ``<run_dir>/checkpoints/<tag>/`` (call on the main process only).
+
+    Args:
+        run_dir: run directory (created if needed).
+        tag: checkpoint name, e.g. ``"last"`` or ``"best"``.
+        model: the model (DDP/DataParallel wrappers are removed, so keys carry no ``module.`` prefix).
+        optimizer, scheduler: objects with ``state_dict()``, or ``None``.
+        trainer_state: loop state (epoch, iteration, best metric, RNG states, ...); tensors, lists, dicts,
+            strings and numbers only, so it loads with ``torch.load(weights_only=True)``.
+        config: JSON-serialisable run configuration stored in the weights' metadata (``None`` stores ``{}``).
+    Returns:
+        Path of the written checkpoint directory.
+    Raises:
+        ValueError: ``tag`` is empty or contains a path separator. Errors while writing are re-raised after the
+        partial directory is removed.
+    """
+    if not tag or "/" in tag or os.sep in tag or tag.startswith("."):
+        raise ValueError(f"invalid checkpoint tag {tag!r}")
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    _repair(root, tag)
+    final, tmp, old = root / tag, root / f".{tag}.tmp", root / f".{tag}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        metadata = {"format": FORMAT, "e2edet_config": json.dumps(config or {})}
+        save_file(_weights_dict(model), str(tmp / WEIGHTS_NAME), metadata=metadata)
+        state = {
+            "format": FORMAT,
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "trainer_state": trainer_state,
+        }
+        torch.save(state, tmp / STATE_NAME)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_weights_file(path: str | Path, prefer: tuple[str, ...] = ("best", "last")) -> Path:
+    """Find ``model.safetensors`` from a run dir, a checkpoint dir, or the file itself.
+
+    Args:
+        path: ``<run_dir>`` (uses the first existing tag in ``prefer``), ``<run_dir>/checkpoints``,
+            ``<run_dir>/checkpoints/<tag>`` or a ``.safetensors`` file.
+        prefer: checkpoint tags tried in order when ``path`` is a run directory.
+    Raises:
+        FileNotFoundError: naming ``path`` and the locations that were tried.
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    candidates = [p / WEIGHTS_NAME]
+    for root in (p / "checkpoints", p):
+        if root.is_dir():
+            for tag in prefer:
+                _repair(root, tag)
+        candidates += [root / tag / WEIGHTS_NAME for tag in prefer]
+    for c in candidates:
+        if c.is_file():
+            return c
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path {p} does not exist")
+    tried = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} found for checkpoint path {p} (tried: {tried})")
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Read weights and the stored run configuration.
+
+    Args:
+        path: run dir (``best`` preferred over ``last``), checkpoint dir or ``.safetensors`` file.
+    Returns:
+        ``(state_dict, config)``; ``config`` is ``None`` when the file has no ``e2edet_config`` metadata
+        (a plain safetensors file).
+    Raises:
+        FileNotFoundError: nothing found at ``path``.
+        ValueError: the file is not a readable safetensors file, or was written by another format version.
+    """
+    file = resolve_weights_file(path)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state_dict = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{file} is not a readable safetensors weights file: {err}") from err
+    fmt = metadata.get("format")
+    if fmt is not None and fmt != FORMAT:
+        raise ValueError(f"{file} has checkpoint format {fmt!r}; this version of e2edet reads {FORMAT!r}")
+    config = None
+    if "e2edet_config" in metadata:
+        try:
+            config = json.loads(metadata["e2edet_config"])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}: the e2edet_config metadata is not valid JSON: {err}") from err
+    return state_dict, config
+
+
+def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True,
+                       source: str | Path = "state_dict") -> None:
+    """Copy ``state_dict`` into ``model`` (wrappers removed) with key and shape checks.
+
+    Args:
+        model: destination model.
+        state_dict: weights, e.g. from :func:`load_weights`.
+        strict: if True, missing/unexpected keys and shape mismatches raise; if False they are skipped with a
+            warning that lists them (e.g. fine-tuning with another number of classes).
+        source: name of the origin (a path) used in messages.
+    Raises:
+        RuntimeError: (strict) listing missing keys, unexpected keys and ``key: file shape vs model shape``.
+    """
+    target = unwrap_model(model).state_dict()
+    missing = sorted(set(target) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(target))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in state_dict.items()
+        if k in target and tuple(v.shape) != tuple(target[k].shape)
+    )
+    problems = [
+        f"{name} ({len(keys)}): {', '.join(keys)}"
+        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                           ("shape mismatches", mismatched))
+        if keys
+    ]
+    if problems:
+        msg = f"weights from {source} do not match the model:\n  " + "\n  ".join(problems)
+        if strict:
+            raise RuntimeError(msg)
+        warnings.warn(msg + "\n  (non-strict load: these entries are skipped)", stacklevel=2)
+    bad = {m.split(":", 1)[0] for m in mismatched}
+    keep = {k: v for k, v in state_dict.items() if k in target and k not in bad}
+    unwrap_model(model).load_state_dict(keep, strict=False)
+
+
+def load_checkpoint(
+    path_or_dir: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Restore a checkpoint written by :func:`save_checkpoint` (for resuming training).
+
+    Args:
+        path_or_dir: run dir (uses ``checkpoints/last``), checkpoint dir, or its ``model.safetensors``.
+        model: receives the weights (see :func:`load_model_weights` for ``strict``).
+        optimizer, scheduler: if given, their states are loaded from ``state.pt`` (required then).
+    Returns:
+        The saved ``trainer_state`` dict (empty if only weights were requested and ``state.pt`` is absent).
+    Raises:
+        FileNotFoundError: missing weights, or missing ``state.pt`` when optimizer/scheduler are given.
+        ValueError: unreadable/corrupt files or wrong format (the message names the file).
+        RuntimeError: weights do not match the model (strict).
+    """
+    file = resolve_weights_file(path_or_dir, prefer=("last", "best"))
+    state_dict, _ = load_weights(file)
+    load_model_weights(model, state_dict, strict=strict, source=file)
+    state_file = file.parent / STATE_NAME
+    if not state_file.is_file():
+        if optimizer is not None or scheduler is not None:
+            raise FileNotFoundError(f"cannot resume: {state_file} is missing (weights alone cannot resume)")
+        return {}
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"{state_file} is corrupt or not an e2edet training state: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{state_file} has format {found!r}; expected {FORMAT!r}")
+    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
+        if obj is not None:
+            if state.get(key) is None:
+                raise ValueError(f"{state_file} holds no {key} state")
+            obj.load_state_dict(state[key])
+    return dict(state.get("trainer_state") or {})

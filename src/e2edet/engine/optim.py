@@ -1,0 +1,158 @@
+"""Optimizer and per-iteration learning-rate schedule (linear warm-up, then multi-step or cosine decay).
+
+The schedule is a :class:`torch.optim.lr_scheduler.LambdaLR` stepped once per training iteration, so that
+epoch-based and ``max_iters``-based runs share one code path. Iteration ``i`` (0-based) trains with
+``lr = cfg.lr * lr_factor(i)`` where
+
+* warm-up: for ``i < W`` the factor is multiplied by ``warmup_factor * (1 - i / W) + i / W`` (linear from
+  ``warmup_factor`` to 1). ``W = min(cfg.warmup_iters, total_iters // 4)``: in very short runs warm-up is capped
+  at a quarter of training so the schedule still reaches its full learning rate before the first decay;
+* multistep: the factor is ``gamma ** n`` where ``n`` counts the milestones ``round(f * total_iters)`` (``f`` in
+  ``cfg.steps``) that are ``<= i``;
+* cosine: the factor is ``0.5 * (1 + cos(pi * i / total_iters))``, reaching 0 at the end of training.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+"""Module types whose parameters receive ``cfg.weight_decay_norm`` instead of ``cfg.weight_decay``."""
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """True for normalisation layers: :data:`NORM_TYPES` and classes named ``*Norm``/``*Norm2d`` (e.g. RMSNorm)."""
+    return isinstance(module, NORM_TYPES) or re.search(r"Norm(\d+d)?$", type(module).__name__) is not None
+
+
+def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    """Build SGD (with momentum) or AdamW over the trainable parameters of ``model``.
+
+    Args:
+        model: the (unwrapped) model. Only parameters with ``requires_grad=True`` are optimised; a parameter
+            shared by several modules is added once.
+        cfg: object with ``optimizer`` (``"sgd"`` or ``"adamw"``), ``lr``, ``momentum`` (SGD only),
+            ``weight_decay`` and ``weight_decay_norm`` (applied to parameters owned by normalisation layers:
+            BatchNorm, GroupNorm, LayerNorm, InstanceNorm; frozen BatchNorm has no parameters).
+    Returns:
+        The optimizer, with up to two parameter groups named ``"default"`` and ``"norm"`` (key ``"name"``).
+    Raises:
+        ValueError: unknown optimizer name or a model without trainable parameters.
+    """
+    seen: set[int] = set()
+    default: list[nn.Parameter] = []
+    norm: list[nn.Parameter] = []
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (norm if _is_norm(module) else default).append(param)
+    if not seen:
+        raise ValueError("build_optimizer: the model has no trainable parameters (all requires_grad=False)")
+    groups = [
+        {"params": params, "weight_decay": float(wd), "name": name}
+        for name, params, wd in (
+            ("default", default, cfg.weight_decay),
+            ("norm", norm, cfg.weight_decay_norm),
+        )
+        if params
+    ]
+    name = str(cfg.optimizer).lower()
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected 'sgd' or 'adamw'")
+
+
+class LrFactor:
+    """Picklable learning-rate multiplier ``f(iteration)`` used by :class:`LambdaLR` (see module docstring).
+
+    Args:
+        total_iters: number of training iterations (> 0).
+        schedule: ``"multistep"`` or ``"cosine"``.
+        steps: fractions of ``total_iters`` in ``(0, 1]`` at which multistep multiplies by ``gamma``.
+        gamma: multistep decay factor.
+        warmup_iters: requested warm-up length in iterations (capped at ``total_iters // 4``).
+        warmup_factor: factor at iteration 0 of the warm-up, in ``(0, 1]``.
+    Raises:
+        ValueError: non-positive ``total_iters``, unknown schedule, or step fractions outside ``(0, 1]``.
+    """
+
+    def __init__(
+        self,
+        total_iters: int,
+        schedule: str = "multistep",
+        steps: tuple[float, ...] | list[float] = (0.667, 0.889),
+        gamma: float = 0.1,
+        warmup_iters: int = 1000,
+        warmup_factor: float = 0.001,
+    ) -> None:
+        if int(total_iters) <= 0:
+            raise ValueError(f"total_iters must be > 0, got {total_iters}")
+        if schedule not in ("multistep", "cosine"):
+            raise ValueError(f"unknown lr schedule {schedule!r}; expected 'multistep' or 'cosine'")
+        bad = [f for f in steps if not 0.0 < float(f) <= 1.0]
+        if bad:
+            raise ValueError(f"lr steps must be fractions of training in (0, 1], got {list(steps)}")
+        self.total_iters = int(total_iters)
+        self.schedule = schedule
+        self.milestones = sorted(round(float(f) * self.total_iters) for f in steps)
+        self.gamma = float(gamma)
+        self.warmup_iters = max(0, min(int(warmup_iters), self.total_iters // 4))
+        self.warmup_factor = float(warmup_factor)
+
+    def __call__(self, iteration: int) -> float:
+        """Multiplier of the base learning rate for 0-based ``iteration``."""
+        if self.schedule == "cosine":
+            progress = min(iteration, self.total_iters) / self.total_iters
+            factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            factor = self.gamma ** sum(1 for m in self.milestones if m <= iteration)
+        if iteration < self.warmup_iters:
+            alpha = iteration / self.warmup_iters
+            factor *= self.warmup_factor * (1.0 - alpha) + alpha
+        return factor
+
+
+def lr_factor_from_config(cfg: Any, total_iters: int) -> LrFactor:
+    """Build the :class:`LrFactor` described by a TrainConfig-like ``cfg`` for a run of ``total_iters``."""
+    return LrFactor(
+        total_iters=total_iters,
+        schedule=str(cfg.schedule).lower(),
+        steps=tuple(cfg.steps),
+        gamma=cfg.gamma,
+        warmup_iters=cfg.warmup_iters,
+        warmup_factor=cfg.warmup_factor,
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_iters: int) -> LambdaLR:
+    """Per-iteration :class:`LambdaLR` for ``optimizer`` (call ``scheduler.step()`` after every iteration).
+
+    Args:
+        optimizer: from :func:`build_optimizer`; every group follows the same multiplier.
+        cfg: object with ``schedule``, ``steps``, ``gamma``, ``warmup_iters``, ``warmup_factor``.
+        total_iters: number of training iterations of the whole run (> 0).
+    Raises:
+        ValueError: see :class:`LrFactor`.
+    """
+    return LambdaLR(optimizer, lr_lambda=lr_factor_from_config(cfg, total_iters))
+
+
+def lr_at(cfg: Any, total_iters: int, iteration: int) -> float:
+    """Learning rate (same unit as ``cfg.lr``) used at 0-based ``iteration`` of a ``total_iters`` run."""
+    return float(cfg.lr) * lr_factor_from_config(cfg, total_iters)(iteration)

@@ -1,0 +1,293 @@
+"""The training loop: device/DDP setup, bf16 autocast, logging, evaluation, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from e2edet.engine.checkpoint import load_checkpoint, save_checkpoint
+from e2edet.engine.device import init_distributed
+from e2edet.engine.evaluator import save_results
+from e2edet.engine.logger import MetricsLogger, lookup, plot_losses
+from e2edet.engine.optim import build_optimizer, build_scheduler
+from e2edet.engine.rng import capture_rng_state, preserve_rng_state, restore_rng_state, seed_everything
+from e2edet.utils.dist import get_rank, get_world_size, is_dist, is_main_process
+
+
+def _to_device(target: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the tensor values of one target dict to ``device``."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
+
+
+def _to_float32(value: Any) -> Any:
+    """Cast half/bfloat16 tensors (nested in dicts/lists/tuples) to float32 so losses run in full precision."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+    if isinstance(value, Mapping):
+        return {k: _to_float32(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_float32(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_float32(v) for v in value)
+    return value
+
+
+def _hms(seconds: float) -> str:
+    """Seconds as ``h:mm:ss``."""
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Trainer:
+    """Trains ``model`` with ``criterion`` on ``train_loader`` per a TrainConfig-like ``cfg``.
+
+    Args:
+        model: detector (not wrapped); moved to the selected device and wrapped in DDP when ``WORLD_SIZE > 1``
+            (the process group is started by :func:`e2edet.engine.device.init_distributed` if not yet running;
+            call that first when the loader uses a distributed sampler).
+        criterion: ``criterion(outputs, targets, epoch=e, max_epoch=E) -> dict``; keys starting with ``loss`` are
+            summed into the training loss, other scalar entries are logged as statistics.
+        train_loader: yields ``(images [B, 3, H, W], targets)`` (the collate contract) and has ``len()``; its
+            sampler's ``set_epoch(epoch)`` is called at each epoch start if present.
+        cfg: object with the TrainConfig fields (epochs, max_iters, optimizer, lr, ..., log_period, eval_period,
+            checkpoint_period, device, amp, seed, clip_grad_norm).
+        run_dir: output directory (metrics.jsonl, loss.png, eval_epochNNN.json, checkpoints/).
+        config_dict: JSON-serialisable full run config, stored in the checkpoint weights' metadata.
+        evaluate_fn: ``evaluate_fn(model, epoch) -> dict`` run (on every rank, RNG-isolated, model in eval mode)
+            every ``eval_period`` epochs and at the end; ``epoch`` is the number of finished epochs.
+        best_metric: dotted key into the evaluation dict whose maximum selects ``checkpoints/best``.
+        progress: show a tqdm bar on the main process.
+    Raises:
+        ValueError: empty loader.
+    """
+
+    def __init__(self, model: nn.Module, criterion: Callable[..., dict], train_loader: Any, cfg: Any,
+                 run_dir: str | Path, config_dict: dict | None = None,
+                 evaluate_fn: Callable[[nn.Module, int], dict] | None = None, best_metric: str = "no_nms.AP",
+                 progress: bool = True) -> None:
+        self.cfg, self.run_dir, self.loader = cfg, Path(run_dir), train_loader
+        self.config_dict, self.evaluate_fn, self.best_metric = config_dict, evaluate_fn, best_metric
+        self.progress = progress
+        self.device, self._owns_process_group = init_distributed(getattr(cfg, "device", "auto"))
+        self.use_amp = bool(getattr(cfg, "amp", False)) and self.device.type == "cuda"
+
+        self.iters_per_epoch = len(train_loader)
+        if self.iters_per_epoch == 0:
+            raise ValueError("the training loader is empty (0 batches); check the dataset and batch size")
+        if int(cfg.max_iters) > 0:
+            self.total_iters = int(cfg.max_iters)
+            self.num_epochs = math.ceil(self.total_iters / self.iters_per_epoch)
+        else:
+            self.num_epochs = int(cfg.epochs)
+            self.total_iters = self.num_epochs * self.iters_per_epoch
+
+        self.model = model.to(self.device)
+        if isinstance(criterion, nn.Module):
+            criterion.to(self.device)
+        self.criterion = criterion
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_iters)
+        self.ddp_model: nn.Module = self.model
+        if get_world_size() > 1:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(getattr(cfg, "find_unused_parameters", False)))
+        self.logger = MetricsLogger(self.run_dir, enabled=is_main_process())
+        self.epoch = 0  # finished epochs
+        self.iteration = 0  # finished iterations
+        self.best: float | None = None
+        self.last_eval: dict | None = None
+        self.last_train: dict | None = None
+
+    def close(self) -> None:
+        """Destroy the process group if this trainer created it (call once all distributed work is done)."""
+        if self._owns_process_group and is_dist():
+            dist.destroy_process_group()
+            self._owns_process_group = False
+
+    # ------------------------------------------------------------------ state
+    def trainer_state(self) -> dict[str, Any]:
+        """Loop state stored in ``state.pt``: epoch/iteration counters, best metric and RNG states."""
+        return {"epoch": self.epoch, "iteration": self.iteration, "total_iters": self.total_iters,
+                "num_epochs": self.num_epochs, "best_metric": self.best, "best_metric_name": self.best_metric,
+                "rng": capture_rng_state()}
+
+    def save(self, tag: str) -> None:
+        """Write ``checkpoints/<tag>`` on the main process (atomic, see :mod:`e2edet.engine.checkpoint`)."""
+        if is_main_process():
+            save_checkpoint(self.run_dir, tag, self.model, self.optimizer, self.scheduler, self.trainer_state(),
+                            self.config_dict)
+
+    def resume(self, path: str | Path) -> None:
+        """Restore model, optimizer, scheduler, counters, best metric and RNG from a checkpoint or run dir.
+
+        Rank 0 gets the saved RNG state; other ranks are re-seeded from ``(seed, rank, epoch)``.
+        Raises:
+            FileNotFoundError, ValueError, RuntimeError: see :func:`e2edet.engine.checkpoint.load_checkpoint`.
+        """
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, strict=True)
+        self.epoch, self.iteration = int(state.get("epoch", 0)), int(state.get("iteration", 0))
+        self.best = state.get("best_metric")
+        self.logger.truncate_after(self.iteration)
+        if get_rank() == 0 and "rng" in state:
+            restore_rng_state(state["rng"])
+        else:
+            seed_everything(int(self.cfg.seed) + 1000 * get_rank() + self.epoch)
+        if is_main_process():
+            print(f"resumed from {path}: epoch {self.epoch}, iteration {self.iteration}/{self.total_iters}")
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: str | Path | None = None, stop_epoch: int | None = None) -> dict[str, Any]:
+        """Train until ``total_iters`` (or until ``stop_epoch`` finished epochs, for time-sliced jobs).
+
+        Args:
+            resume: checkpoint/run dir to continue from (continues at the next epoch), or None to start fresh
+                (RNGs seeded from ``cfg.seed + rank``).
+            stop_epoch: stop after this many finished epochs and save ``last``; the schedule still spans the whole
+                run, so a later ``fit(resume=...)`` continues exactly.
+        Returns:
+            ``{"epoch", "iteration", "train": last train record, "eval": last evaluation dict or None,
+            "best_metric": best value or None, "run_dir": str}``.
+        Raises:
+            FloatingPointError: a non-finite loss (names the iteration and the loss values).
+        """
+        if resume is not None:
+            self.resume(resume)
+        else:
+            seed_everything(int(self.cfg.seed) + get_rank())
+        self.model.train()
+        while self.iteration < self.total_iters and (stop_epoch is None or self.epoch < stop_epoch):
+            self._train_epoch(self.epoch)
+            self.epoch += 1
+            self._end_of_epoch(stopping=stop_epoch is not None and self.epoch >= stop_epoch)
+        if is_dist():
+            dist.barrier()
+        return {"epoch": self.epoch, "iteration": self.iteration, "train": self.last_train,
+                "eval": self.last_eval, "best_metric": self.best, "run_dir": str(self.run_dir)}
+
+    def _train_epoch(self, epoch: int) -> None:
+        """Run the iterations of 0-based ``epoch`` (fewer in the last epoch of a ``max_iters`` run)."""
+        batch_sampler = getattr(self.loader, "batch_sampler", None)
+        owners = (self.loader, getattr(self.loader, "sampler", None), batch_sampler,
+                  getattr(batch_sampler, "sampler", None))
+        for obj in {id(o): o for o in owners if hasattr(o, "set_epoch")}.values():
+            obj.set_epoch(epoch)
+        num_iters = min(self.iters_per_epoch, self.total_iters - self.iteration)
+        window: dict[str, float] = {}
+        count, epoch_time = 0, 0.0
+        log_period = max(1, int(self.cfg.log_period))
+        bar = tqdm(total=num_iters, desc=f"epoch {epoch + 1}/{self.num_epochs}", dynamic_ncols=True,
+                   disable=not (self.progress and is_main_process()))
+        try:
+            end = time.perf_counter()
+            for i, (images, targets) in enumerate(self.loader):
+                if i >= num_iters:
+                    break
+                data_time = time.perf_counter() - end
+                lr = self.optimizer.param_groups[0]["lr"]
+                values = self.train_step(images, targets, epoch)
+                self.iteration += 1
+                step_time = time.perf_counter() - end
+                end = time.perf_counter()
+                epoch_time += step_time
+                count += 1
+                for k, v in {**values, "time": step_time, "data_time": data_time, "lr": lr}.items():
+                    window[k] = window.get(k, 0.0) + v
+                eta = epoch_time / (i + 1) * (self.total_iters - self.iteration)
+                bar.set_postfix(loss=f"{values['total_loss']:.4f}", lr=f"{lr:.2e}", eta=_hms(eta))
+                bar.update()
+                if self.iteration % log_period == 0 or i == num_iters - 1:
+                    record = {"type": "train", "iteration": self.iteration, "epoch": epoch,
+                              **{k: v / count for k, v in window.items()}, "eta_seconds": eta}
+                    if self.device.type == "cuda":
+                        record["max_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+                    self.logger.log(record)
+                    self.last_train = record
+                    window, count = {}, 0
+        finally:
+            bar.close()
+
+    def train_step(self, images: torch.Tensor, targets: list[dict[str, Any]], epoch: int) -> dict[str, float]:
+        """One optimisation step on a batch; also usable by benchmarks.
+
+        Returns:
+            Loss values and statistics averaged over ranks, as floats, plus ``total_loss``.
+        Raises:
+            KeyError: the criterion returned no ``loss*`` key.
+            FloatingPointError: the summed loss or one of its terms is not finite (before any weight update).
+        """
+        images = images.to(self.device, non_blocking=True)
+        targets = [_to_device(t, self.device) for t in targets]
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            outputs = self.ddp_model(images)
+        if self.use_amp:
+            outputs = _to_float32(outputs)
+        loss_dict = self.criterion(outputs, targets, epoch=epoch, max_epoch=self.num_epochs)
+        loss_keys = [k for k in loss_dict if k.startswith("loss")]
+        if not loss_keys:
+            raise KeyError(f"the criterion returned no 'loss*' entry (keys: {sorted(loss_dict)})")
+        loss = sum(loss_dict[k] for k in loss_keys)
+        stat_keys = [k for k, v in loss_dict.items() if k not in loss_keys and (
+            isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1))]
+        names = ["total_loss", *loss_keys, *stat_keys]
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).detach().reshape(())
+                               for v in [loss, *(loss_dict[k] for k in loss_keys + stat_keys)]])
+        if is_dist():
+            dist.all_reduce(stacked)
+            stacked /= get_world_size()
+        values = dict(zip(names, stacked.tolist()))
+        if not all(math.isfinite(values[k]) for k in ["total_loss", *loss_keys]):
+            last = self.run_dir / "checkpoints" / "last"
+            kept = f"the last good checkpoint is {last}" if last.is_dir() else "no checkpoint was written yet"
+            shown = ", ".join(f"{k}={values[k]:.4g}" for k in ["total_loss", *loss_keys])
+            raise FloatingPointError(f"non-finite loss at iteration {self.iteration + 1} (epoch {epoch}): "
+                                     f"{shown}; training stopped before updating the weights, {kept}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = float(getattr(self.cfg, "clip_grad_norm", 0.0) or 0.0)
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            values["grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return values
+
+    def _end_of_epoch(self, stopping: bool) -> None:
+        """Evaluate, keep ``best``, save ``last`` and redraw ``loss.png`` as the periods ask."""
+        done, finished = self.epoch, self.iteration >= self.total_iters
+        eval_period, ckpt_period = int(self.cfg.eval_period), int(self.cfg.checkpoint_period)
+        if self.evaluate_fn is not None and (finished or (eval_period > 0 and done % eval_period == 0)):
+            self._evaluate(done)
+        if finished or stopping or (ckpt_period > 0 and done % ckpt_period == 0):
+            self.save("last")
+        if is_main_process():
+            try:
+                plot_losses(self.logger.path, self.run_dir / "loss.png", metric=self.best_metric)
+            except Exception as err:  # a picture must never stop a training run
+                warnings.warn(f"could not draw {self.run_dir / 'loss.png'}: {err}", stacklevel=2)
+
+    def _evaluate(self, done: int) -> None:
+        """Run ``evaluate_fn`` without disturbing the training RNG stream; log it and update ``best``."""
+        with preserve_rng_state():
+            self.model.eval()
+            try:
+                result = dict(self.evaluate_fn(self.model, done))
+            finally:
+                self.model.train()
+        self.last_eval = result
+        self.logger.log({"type": "eval", "epoch": done, "iteration": self.iteration, **result})
+        if is_main_process():
+            save_results(result, self.run_dir / f"eval_epoch{done:03d}.json")
+        value = lookup(result, self.best_metric)
+        if isinstance(value, (int, float)) and math.isfinite(value) and (self.best is None or value > self.best):
+            self.best = float(value)
+            self.save("best")

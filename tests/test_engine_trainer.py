@@ -1,0 +1,172 @@
+"""Trainer on a tiny synthetic detector: learning, logs, best/last checkpoints, exact resume, max_iters, NaN."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from e2edet.engine.checkpoint import load_checkpoint, load_weights
+from e2edet.engine.logger import read_metrics
+from e2edet.engine.trainer import Trainer
+
+
+class BoxDataset(Dataset):
+    """8 images 3x32x32 with one bright square each; the target is that square's xyxy box."""
+
+    def __init__(self, n=8):
+        g = torch.Generator().manual_seed(123)
+        self.items = []
+        for i in range(n):
+            x, y = torch.randint(0, 20, (2,), generator=g).tolist()
+            img = torch.randn(3, 32, 32, generator=g) * 0.1
+            img[:, y:y + 12, x:x + 12] += 1.0
+            self.items.append((img, torch.tensor([[x, y, x + 12, y + 12]], dtype=torch.float32), i))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        img, box, image_id = self.items[i]
+        target = {"boxes": box, "labels": torch.zeros(1, dtype=torch.long), "image_id": image_id,
+                  "size": torch.tensor([32, 32]), "orig_size": torch.tensor([32, 32])}
+        return img, target
+
+
+def collate(batch):
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+
+
+class TinyDetector(nn.Module):
+    """Two convs + BN + dropout -> one box per image (xyxy pixels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(8 * 8 * 8, 4)
+
+    def forward(self, images):
+        x = F.relu(self.bn(self.conv1(images)))
+        x = self.drop(F.relu(self.conv2(x))).flatten(1)
+        return {"pred_boxes": (self.head(x) * 16 + 16).unsqueeze(1)}
+
+
+class BoxCriterion:
+    """L1 box loss; records the (epoch, max_epoch) it is called with; can inject NaN at a given call."""
+
+    def __init__(self, nan_at=None):
+        self.calls, self.nan_at = [], nan_at
+
+    def __call__(self, outputs, targets, epoch=0, max_epoch=1):
+        self.calls.append((epoch, max_epoch))
+        gt = torch.stack([t["boxes"][0] for t in targets])
+        loss = F.l1_loss(outputs["pred_boxes"][:, 0], gt) / 16
+        if self.nan_at is not None and len(self.calls) == self.nan_at:
+            loss = loss * float("nan")
+        return {"loss_box": loss, "loss_zero": loss.detach() * 0, "num_pos": torch.tensor(float(len(targets)))}
+
+
+def make_cfg(**kw):
+    base = dict(epochs=2, max_iters=0, batch_size=4, workers=0, optimizer="sgd", lr=0.05, momentum=0.9,
+                weight_decay=1e-4, weight_decay_norm=0.0, schedule="multistep", steps=(0.667, 0.889), gamma=0.1,
+                warmup_iters=2, warmup_factor=0.1, clip_grad_norm=1.0, amp=True, seed=7, log_period=1,
+                eval_period=1, checkpoint_period=1, device="cpu")
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def make_trainer(run_dir, cfg, criterion=None, evaluate_fn=None, model_seed=0):
+    torch.manual_seed(model_seed)
+    loader = DataLoader(BoxDataset(), batch_size=cfg.batch_size, shuffle=True, collate_fn=collate)
+    return Trainer(TinyDetector(), criterion or BoxCriterion(), loader, cfg, run_dir, config_dict={"name": "tiny"},
+                   evaluate_fn=evaluate_fn, progress=False)
+
+
+def rng_eating_eval(model, epoch):
+    """An evaluation that consumes global randomness (must not change training) and scores by epoch."""
+    torch.rand(5)
+    return {"no_nms": {"AP": [0.0, 30.0, 20.0, 25.0][epoch]}, "nms": {"AP": 1.0}}
+
+
+def test_loss_decreases_and_logs(tmp_path):
+    trainer = make_trainer(tmp_path, make_cfg(epochs=3, steps=(0.9,)), evaluate_fn=rng_eating_eval)
+    result = trainer.fit()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert len(train) == 6 and [r["iteration"] for r in train] == list(range(1, 7))
+    assert {"lr", "total_loss", "loss_box", "loss_zero", "num_pos", "time", "data_time", "eta_seconds",
+            "grad_norm", "epoch"} <= set(train[0])
+    assert train[-1]["total_loss"] < train[0]["total_loss"]
+    assert train[0]["lr"] == pytest.approx(0.05 * 0.1) and train[-1]["eta_seconds"] == 0
+    assert [r["epoch"] for r in evals] == [1, 2, 3] and evals[0]["no_nms"]["AP"] == 30.0
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "eval_epoch002.json").read_text())["no_nms"]["AP"] == 20.0
+    # best = epoch 1 (AP 30), last = epoch 3
+    assert load_checkpoint(tmp_path / "checkpoints" / "best", TinyDetector())["epoch"] == 1
+    assert load_checkpoint(tmp_path / "checkpoints" / "last", TinyDetector())["epoch"] == 3
+    assert load_weights(tmp_path)[1] == {"name": "tiny"}
+    assert result["best_metric"] == 30.0 and result["iteration"] == 6 and result["eval"]["no_nms"]["AP"] == 25.0
+
+
+def test_resume_is_exact(tmp_path):
+    cfg = make_cfg(epochs=2)
+    full = make_trainer(tmp_path / "full", cfg, evaluate_fn=rng_eating_eval)
+    full.fit()
+
+    first = make_trainer(tmp_path / "split", cfg, evaluate_fn=rng_eating_eval)
+    out = first.fit(stop_epoch=1)
+    assert out["epoch"] == 1 and out["iteration"] == 2
+    torch.rand(10)  # unrelated randomness between the two jobs
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # logged by a crashed job after its checkpoint
+        f.write(json.dumps({"type": "train", "iteration": 3, "epoch": 1, "total_loss": 99.0}) + "\n")
+    second = make_trainer(tmp_path / "split", cfg, evaluate_fn=rng_eating_eval, model_seed=99)
+    out = second.fit(resume=tmp_path / "split")
+    assert out["epoch"] == 2 and out["iteration"] == 4 and out["best_metric"] == 30.0
+
+    train = [r for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if r["type"] == "train"]
+    assert [r["iteration"] for r in train] == [1, 2, 3, 4] and max(r["total_loss"] for r in train) < 99
+
+    a, b = full.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from uninterrupted training"
+    sa, sb = full.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+
+
+def test_max_iters_passes_epoch_to_criterion(tmp_path):
+    criterion = BoxCriterion()
+    trainer = make_trainer(tmp_path, make_cfg(max_iters=5, epochs=100, checkpoint_period=0, eval_period=0),
+                           criterion=criterion)
+    result = trainer.fit()
+    assert trainer.num_epochs == 3 and trainer.total_iters == 5
+    assert criterion.calls == [(0, 3), (0, 3), (1, 3), (1, 3), (2, 3)]
+    assert result["iteration"] == 5 and result["epoch"] == 3
+    state = load_checkpoint(tmp_path, TinyDetector())
+    assert state["iteration"] == 5  # a final checkpoint even with checkpoint_period=0
+
+
+def test_non_finite_loss_stops_with_clear_error(tmp_path):
+    trainer = make_trainer(tmp_path, make_cfg(epochs=3), criterion=BoxCriterion(nan_at=3))
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at iteration 3 \(epoch 1\).*loss_box=nan"):
+        trainer.fit()
+    state = load_checkpoint(tmp_path, TinyDetector())
+    assert state["iteration"] == 2  # the last good checkpoint (end of epoch 1) is kept
+    assert all(math.isfinite(v.float().sum().item()) for v in trainer.model.state_dict().values())
+
+
+def test_empty_loader_and_missing_resume(tmp_path):
+    cfg = make_cfg()
+    with pytest.raises(ValueError, match="empty"):
+        Trainer(TinyDetector(), BoxCriterion(), [], cfg, tmp_path, progress=False)
+    trainer = make_trainer(tmp_path, cfg)
+    with pytest.raises(FileNotFoundError, match="no_such_run"):
+        trainer.fit(resume=tmp_path / "no_such_run")
