@@ -5,8 +5,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import torch
-
 from e2edet.config import Config, ConfigError
 from e2edet.data.coco import CocoDetection
 from e2edet.data.datasets import DatasetPaths, resolve_dataset
@@ -122,10 +120,3 @@ def fill_classes(cfg: Config, class_names: list[str] | tuple[str, ...]) -> None:
         raise ConfigError(f"model.class_names {cfg.model.class_names} differ from the dataset's classes {names}")
     cfg.model.class_names = names
     cfg.model.num_classes = len(names)
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU; otherwise ``torch.device(name)``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

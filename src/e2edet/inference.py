@@ -12,16 +12,17 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+from PIL import Image
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, write_png
 from torchvision.utils import draw_bounding_boxes
 
-from e2edet.build import build_model, build_postprocessor, select_device
+from e2edet.build import build_model, build_postprocessor
 from e2edet.config import Config, from_dict
 from e2edet.data.collate import pad_images
-from e2edet.data.errors import DatasetError
+from e2edet.data.coco import read_image
 from e2edet.data.transforms import build_eval_transforms
 from e2edet.engine.checkpoint import load_weights
+from e2edet.engine.device import select_device
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -44,18 +45,6 @@ def list_images(sources: Iterable[str | Path]) -> list[Path]:
         else:
             raise FileNotFoundError(f"{src}: no such image file or folder")
     return files
-
-
-def read_image(path: str | Path) -> torch.Tensor:
-    """Decode an image file to ``uint8 [3, H, W]`` RGB.
-
-    Raises:
-        DatasetError: missing, unreadable or corrupt file (the message names it).
-    """
-    try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read image: {e}") from e
 
 
 def draw_detections(image: torch.Tensor, det: dict, class_names: Sequence[str], score_thresh: float = 0.0) -> torch.Tensor:
@@ -155,7 +144,8 @@ class Predictor:
                 ],
             })
             if draw:
-                write_png(draw_detections(image, det, self.class_names), str(out_dir / f"{Path(path).stem}.png"))
+                drawn = draw_detections(image, det, self.class_names)
+                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out_dir / f"{Path(path).stem}.png")
         json_path = out_dir / "detections.json"
         tmp = json_path.with_name(json_path.name + ".tmp")
         tmp.write_text(json.dumps(records, indent=1))

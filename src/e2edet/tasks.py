@@ -11,17 +11,13 @@ from pathlib import Path
 
 import torch
 
-from e2edet.build import (
-    build_criterion,
-    build_datasets,
-    build_model,
-    build_postprocessor,
-    fill_classes,
-    select_device,
-)
+from e2edet.build import build_criterion, build_datasets, build_model, build_postprocessor, fill_classes
 from e2edet.config import Config, ConfigError, apply_overrides, save_config, to_dict
 from e2edet.data.loader import build_loader
+from e2edet.engine.checkpoint import unwrap_model
+from e2edet.engine.device import init_distributed
 from e2edet.engine.evaluator import evaluate, format_results_table, save_results
+from e2edet.engine.rng import seed_everything
 from e2edet.engine.trainer import Trainer
 from e2edet.inference import Predictor
 from e2edet.utils.dist import is_main_process
@@ -50,9 +46,10 @@ def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8) 
     Raises:
         ConfigError / DatasetError: bad config or data (before any training starts).
     """
+    device, _ = init_distributed(cfg.train.device)  # before the loaders: their samplers shard by rank
     data = build_datasets(cfg)
     fill_classes(cfg, data.train.class_names)
-    torch.manual_seed(cfg.train.seed)  # model initialisation is part of a repeatable run
+    seed_everything(cfg.train.seed)  # model initialisation is part of a repeatable run
     model = build_model(cfg)
     criterion = build_criterion(cfg)
     postprocessor = build_postprocessor(cfg)
@@ -71,26 +68,21 @@ def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8) 
         device = next(net.parameters()).device
         results = evaluate(net, postprocessor, val_loader, device, data.val.coco, data.val.label_to_cat_id,
                            nms_iou=cfg.test.eval_nms_iou)
-        if is_main_process():
-            save_results(results, run_dir / f"eval_epoch{epoch + 1}.json")
-            _report(results, cfg, f"Evaluation after epoch {epoch + 1} on {data.paths.val_json}")
+        _report(results, cfg, f"Evaluation after epoch {epoch} on {data.paths.val_json}")
         return results
 
     trainer = Trainer(model, criterion, train_loader, t, run_dir, config_dict=to_dict(cfg),
                       evaluate_fn=evaluate_fn, best_metric=primary_metric(cfg))
-    results = trainer.fit(resume=resume)
-    if is_main_process():
-        save_results(results, run_dir / "eval_final.json")
-        if num_pictures > 0:
-            files = [Path(data.paths.val_images) / img["file_name"] for img in data.val.coco["images"][:num_pictures]]
-            predictor = Predictor(_unwrap(model), cfg, device=select_device(t.device))
-            predictor.predict_files(files, run_dir / "predictions")
-            print(f"prediction pictures: {run_dir / 'predictions'}")
+    try:
+        summary = trainer.fit(resume=resume)
+    finally:
+        trainer.close()
+    results = summary["eval"]
+    if is_main_process() and num_pictures > 0:
+        files = [Path(data.paths.val_images) / img["file_name"] for img in data.val.coco["images"][:num_pictures]]
+        Predictor(unwrap_model(model), cfg, device=device).predict_files(files, run_dir / "predictions")
+        print(f"prediction pictures: {run_dir / 'predictions'}")
     return results
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 def evaluate_weights(weights: str | Path, overrides: list[str], out: str | Path | None = None,
