@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from e2edet.assign.base import DenseAssignment, assignment_from_matches
-from e2edet.assign.fcos import FCOSAssigner, centerness_target
+from e2edet.assign.fcos import FCOSAssigner
+from e2edet.models.dense.box_coder import centerness_target, encode_ltrb
 
 
 def _pyramid(size=64, strides=(8, 16)):
@@ -59,7 +60,7 @@ def test_hand_case_on_two_level_pyramid():
     assert sorted(map(tuple, pos_points)) == [(12.0, 12.0), (12.0, 20.0), (20.0, 12.0), (20.0, 20.0)]
     assert out.labels.shape == (1, points.shape[0]) and out.labels.dtype == torch.int64
     assert torch.all(out.labels[0][~out.pos_mask[0]] == 1)
-    ctr = centerness_target(points[out.pos_mask[0]], out.box_targets[0][out.pos_mask[0]])
+    ctr = centerness_target(encode_ltrb(points[out.pos_mask[0]], out.box_targets[0][out.pos_mask[0]]))
     assert torch.allclose(ctr, torch.full((4,), 0.6))
 
 
@@ -89,7 +90,7 @@ def test_targets_on_positives_only():
 def test_centerness_target_center_and_edge():
     box = torch.tensor([[0.0, 0.0, 20.0, 10.0]])
     pts = torch.tensor([[10.0, 5.0], [0.0, 5.0], [10.0, 10.0], [5.0, 5.0], [-3.0, 5.0]])
-    ctr = centerness_target(pts, box.expand(5, 4))
+    ctr = centerness_target(encode_ltrb(pts, box.expand(5, 4)))
     assert ctr[0].item() == pytest.approx(1.0)
     assert ctr[1].item() == 0.0 and ctr[2].item() == 0.0
     assert ctr[3].item() == pytest.approx(math.sqrt(5.0 / 15.0))

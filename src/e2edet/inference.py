@@ -47,7 +47,9 @@ def list_images(sources: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def draw_detections(image: torch.Tensor, det: dict, class_names: Sequence[str], score_thresh: float = 0.0) -> torch.Tensor:
+def draw_detections(
+    image: torch.Tensor, det: dict, class_names: Sequence[str], score_thresh: float = 0.0
+) -> torch.Tensor:
     """Draw boxes with ``label score`` captions on ``image`` (``uint8 [3, H, W]``); returns a new uint8 image.
 
     ``det`` holds ``boxes [k, 4]`` xyxy pixels of ``image``, ``scores [k]`` and ``labels [k]`` (contiguous).
@@ -57,7 +59,8 @@ def draw_detections(image: torch.Tensor, det: dict, class_names: Sequence[str], 
     if len(boxes) == 0:
         return image.clone()
     palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"]
-    captions = [f"{class_names[int(c)] if int(c) < len(class_names) else int(c)} {s:.2f}" for c, s in zip(labels, scores)]
+    names = [class_names[int(c)] if int(c) < len(class_names) else str(int(c)) for c in labels]
+    captions = [f"{n} {s:.2f}" for n, s in zip(names, scores)]
     colors = [palette[int(c) % len(palette)] for c in labels]
     width = max(1, round(max(image.shape[1:]) / 400))
     return draw_bounding_boxes(image, boxes, labels=captions, colors=colors, width=width)
@@ -121,13 +124,15 @@ class Predictor:
     def predict_files(
         self, files: Sequence[Path], out_dir: str | Path, score_thresh: float = 0.3, draw: bool = True
     ) -> Path:
-        """Detect in image files, write ``detections.json`` (and one ``<stem>.png`` each when ``draw``) into ``out_dir``.
+        """Detect in image files; write ``detections.json`` and, when ``draw``, one ``<stem>.png`` per image.
 
-        Detections below ``score_thresh`` are left out of both. Returns the JSON path.
+        ``detections.json`` lists per image its file, size, picture and detections (``box_xyxy`` pixels of the
+        original image, ``score``, ``label``, ``category``); detections below ``score_thresh`` are left out of
+        both. Returns the JSON path.
         """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        records = []
+        records, used = [], set()
         for path in files:
             image = read_image(path)
             det = self([image])[0]
@@ -144,8 +149,13 @@ class Predictor:
                 ],
             })
             if draw:
+                name = Path(path).stem
+                while name in used:  # same file name in two folders: keep both pictures
+                    name += "_"
+                used.add(name)
+                records[-1]["picture"] = str(out_dir / f"{name}.png")
                 drawn = draw_detections(image, det, self.class_names)
-                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out_dir / f"{Path(path).stem}.png")
+                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(records[-1]["picture"])
         json_path = out_dir / "detections.json"
         tmp = json_path.with_name(json_path.name + ".tmp")
         tmp.write_text(json.dumps(records, indent=1))

@@ -42,7 +42,8 @@ def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8) 
     """Train ``cfg``, evaluating AP with and without NMS on the validation split, and draw predictions.
 
     Returns:
-        The final evaluation results (``{"no_nms": {...}, "nms": {...}, ...}``).
+        The final evaluation results (``{"no_nms": {...}, "nms": {...}, ...}``); empty when a resumed run had
+        nothing left to train.
     Raises:
         ConfigError / DatasetError: bad config or data (before any training starts).
     """
@@ -78,6 +79,9 @@ def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8) 
     finally:
         trainer.close()
     results = summary["eval"]
+    if results is None and is_main_process():  # e.g. resuming a run that had already finished
+        print(f"{run_dir}: no training left to do (iteration {summary['iteration']}); see `e2edet eval {run_dir}`")
+        return {}
     if is_main_process() and num_pictures > 0:
         files = [Path(data.paths.val_images) / img["file_name"] for img in data.val.coco["images"][:num_pictures]]
         Predictor(unwrap_model(model), cfg, device=device).predict_files(files, run_dir / "predictions")

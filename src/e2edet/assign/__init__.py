@@ -5,7 +5,7 @@ Every dense assigner returns a :class:`DenseAssignment`; see ``docs/architecture
 
 from e2edet.assign.auxiliary import AuxAssigner
 from e2edet.assign.base import DenseAssignment, assignment_from_gt_index, assignment_from_matches, empty_assignment
-from e2edet.assign.fcos import FCOSAssigner, centerness_target
+from e2edet.assign.fcos import FCOSAssigner
 from e2edet.assign.hungarian import linear_assignment
 from e2edet.assign.poto import POTOAssigner
 from e2edet.assign.prior import center_prior, inside_box, pairwise_ltrb, poto_quality, quality_matrix
@@ -18,7 +18,6 @@ __all__ = [
     "assignment_from_gt_index",
     "assignment_from_matches",
     "center_prior",
-    "centerness_target",
     "empty_assignment",
     "inside_box",
     "linear_assignment",

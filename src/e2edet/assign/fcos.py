@@ -23,25 +23,6 @@ DEFAULT_SCALE_RANGES: tuple[tuple[float, float], ...] = (
 )
 
 
-def centerness_target(points: Tensor, boxes: Tensor) -> Tensor:
-    """FCOS centerness target ``sqrt(min(l, r)/max(l, r) · min(t, b)/max(t, b))`` of points w.r.t. their boxes.
-
-    Args:
-        points: ``float [..., 2]`` anchor points ``(x, y)`` in pixels.
-        boxes: ``float [..., 4]`` xyxy pixels, broadcastable against ``points`` (one box per point).
-    Returns:
-        ``float [...]`` in ``[0, 1]``: 1 at the box center, 0 on an edge; ratios are clamped at 0, so points
-        outside their box get 0 (as cvpods' ``clamp_(min=0)``).
-    Source: ``specs/dense.md`` §1.3 "Centerness target"; cvpods ``FCOS.get_ground_truth``.
-    """
-    x, y = points[..., 0], points[..., 1]
-    left, top = x - boxes[..., 0], y - boxes[..., 1]
-    right, bottom = boxes[..., 2] - x, boxes[..., 3] - y
-    lr = torch.minimum(left, right) / torch.maximum(left, right).clamp(min=1e-12)
-    tb = torch.minimum(top, bottom) / torch.maximum(top, bottom).clamp(min=1e-12)
-    return torch.sqrt(lr.clamp(min=0) * tb.clamp(min=0))
-
-
 class FCOSAssigner:
     """FCOS label assignment (one-to-many), ``@torch.no_grad()``, no parameters.
 

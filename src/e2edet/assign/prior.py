@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from e2edet.models.dense.box_coder import encode_ltrb
+
 
 def pairwise_ltrb(points: Tensor, boxes: Tensor) -> Tensor:
     """Distances from every anchor point to the four sides of every box.
@@ -22,11 +24,7 @@ def pairwise_ltrb(points: Tensor, boxes: Tensor) -> Tensor:
         ``[G, R, 4]`` = ``(x - x1, y - y1, x2 - x, y2 - y)``; all four are > 0 iff the point is strictly inside.
         Source: cvpods ``Shift2BoxTransform.get_deltas`` (``specs/dense.md`` §1.2 box coding).
     """
-    x = points[None, :, 0]
-    y = points[None, :, 1]
-    return torch.stack(
-        (x - boxes[:, None, 0], y - boxes[:, None, 1], boxes[:, None, 2] - x, boxes[:, None, 3] - y), dim=-1
-    )
+    return encode_ltrb(points[None, :, :], boxes[:, None, :])
 
 
 def inside_box(points: Tensor, gt_boxes: Tensor) -> Tensor:

@@ -14,9 +14,10 @@ from torchvision.ops import generalized_box_iou_loss
 
 from e2edet.assign.auxiliary import AuxAssigner
 from e2edet.assign.base import DenseAssignment
-from e2edet.assign.fcos import DEFAULT_SCALE_RANGES, FCOSAssigner, centerness_target
+from e2edet.assign.fcos import DEFAULT_SCALE_RANGES, FCOSAssigner
 from e2edet.assign.poto import POTOAssigner
 from e2edet.losses.focal import prob_focal_loss, sigmoid_focal_loss
+from e2edet.models.dense.box_coder import centerness_target, encode_ltrb
 from e2edet.utils.dist import reduce_mean
 
 ASSIGNERS = ("fcos", "poto", "poto_argmax")
@@ -153,7 +154,7 @@ class DenseCriterion(nn.Module):
         giou = generalized_box_iou_loss(pred_boxes[pos].float(), box_target, reduction="none")
         if self.assigner_name == "fcos":
             points = outputs["points"].float().unsqueeze(0).expand(pos.shape[0], -1, -1)[pos]
-            ctr_target = centerness_target(points, box_target)
+            ctr_target = centerness_target(encode_ltrb(points, box_target))
             ctr_normaliser = reduce_mean(ctr_target.sum()).clamp(min=1.0)
             losses["loss_box"] = self.reg_weight * (giou * ctr_target).sum() / ctr_normaliser
             pred_ctr = outputs["pred_ctr"][pos].float()

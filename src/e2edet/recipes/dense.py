@@ -30,18 +30,19 @@ VARIANTS = {
 }
 
 
+def _apply(cfg: Config, model: dict, loss: dict, test: dict) -> None:
+    for section, values in (("model", model), ("loss", loss), ("test", test)):
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+
+
 def _coco(variant: str) -> Config:
     desc, model, loss, test = VARIANTS[variant]
     cfg = Config(name=f"{variant}_r50_3x_ms", description=f"{desc}. COCO R-50 FPN 3x ms (published config)")
     cfg.data.dataset = ""
     cfg.data.train_min_sizes = (640, 672, 704, 736, 768, 800)
     cfg.model.backbone = "resnet50"
-    for k, v in model.items():
-        setattr(cfg.model, k, v)
-    for k, v in loss.items():
-        setattr(cfg.loss, k, v)
-    for k, v in test.items():
-        setattr(cfg.test, k, v)
+    _apply(cfg, model, loss, test)
     t = cfg.train
     t.batch_size, t.max_iters, t.steps = 2, 270_000, (210_000 / 270_000, 250_000 / 270_000)
     t.optimizer, t.lr, t.warmup_iters, t.warmup_factor, t.eval_period = "sgd", 0.01, 1000, 0.001, 0
@@ -59,12 +60,7 @@ def _cpu(variant: str) -> Config:
     cfg.model.backbone = "mobilenet_v2"
     cfg.model.fpn_channels = 128
     cfg.model.num_convs = 2
-    for k, v in model.items():
-        setattr(cfg.model, k, v)
-    for k, v in loss.items():
-        setattr(cfg.loss, k, v)
-    for k, v in test.items():
-        setattr(cfg.test, k, v)
+    _apply(cfg, model, loss, test)
     t = cfg.train
     t.epochs, t.batch_size, t.workers = 12, 4, 2
     t.optimizer, t.lr, t.weight_decay, t.warmup_iters, t.warmup_factor = "adamw", 1e-3, 1e-4, 100, 0.01
