@@ -8,17 +8,13 @@ import torch
 from e2edet.assign.base import DenseAssignment, assignment_from_matches
 from e2edet.assign.fcos import FCOSAssigner
 from e2edet.models.dense.box_coder import centerness_target, encode_ltrb
+from e2edet.models.dense.points import anchor_points
 
 
 def _pyramid(size=64, strides=(8, 16)):
-    points, stride, level = [], [], []
-    for lvl, s in enumerate(strides):
-        n = size // s
-        ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
-        points.append(torch.stack(((xs.flatten() + 0.5) * s, (ys.flatten() + 0.5) * s), 1).float())
-        stride.append(torch.full((n * n,), float(s)))
-        level.append(torch.full((n * n,), lvl, dtype=torch.int64))
-    return torch.cat(points), torch.cat(stride), torch.cat(level)
+    """Anchor points of a small square pyramid (the model's own point generator, tested in test_models_points_box)."""
+    points, stride, level, counts = anchor_points([(size // s, size // s) for s in strides], list(strides))
+    return points, stride, level
 
 
 def _target(boxes, labels):

@@ -11,20 +11,15 @@ import e2edet.losses.dense_criterion as dc
 from e2edet.assign.poto import POTOAssigner
 from e2edet.losses.dense_criterion import DenseCriterion
 from e2edet.losses.focal import prob_focal_loss
+from e2edet.models.dense.points import anchor_points
 
 LOG2 = math.log(2.0)
 
 
 def _pyramid(size=64, strides=(8, 16)):
-    points, stride, level, counts = [], [], [], []
-    for lvl, s in enumerate(strides):
-        n = size // s
-        ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
-        points.append(torch.stack(((xs.flatten() + 0.5) * s, (ys.flatten() + 0.5) * s), 1).float())
-        stride.append(torch.full((n * n,), float(s)))
-        level.append(torch.full((n * n,), lvl, dtype=torch.int64))
-        counts.append(n * n)
-    return torch.cat(points), torch.cat(stride), torch.cat(level), counts
+    """Anchor points of a small square pyramid (the model's own point generator, tested in test_models_points_box)."""
+    points, stride, level, counts = anchor_points([(size // s, size // s) for s in strides], list(strides))
+    return points, stride, level, counts
 
 
 def _outputs(batch, num_classes, seed=0, requires_grad=True):

@@ -35,7 +35,7 @@ def _load_recipe_or_file(spec: str):
     return get_recipe(spec)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace) -> int:
     from e2edet.tasks import train
 
     cfg = apply_overrides(_load_recipe_or_file(args.recipe), args.overrides)
@@ -43,14 +43,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _cmd_eval(args: argparse.Namespace) -> int:
     from e2edet.tasks import evaluate_weights
 
     evaluate_weights(args.weights, args.overrides, out=args.out, device=args.device)
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def _cmd_predict(args: argparse.Namespace) -> int:
     from e2edet.inference import list_images
     from e2edet.tasks import predict
 
@@ -58,7 +58,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_recipes(args: argparse.Namespace) -> int:
+def _cmd_recipes(args: argparse.Namespace) -> int:
     from e2edet.recipes import get_recipe, list_recipes
 
     if args.action == "show":
@@ -73,7 +73,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data(args: argparse.Namespace) -> int:
+def _cmd_data(args: argparse.Namespace) -> int:
     from e2edet.data import convert, samples, validate
 
     if args.data_cmd == "sample":
@@ -109,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=6 data=bccd")
     t.add_argument("--resume", help="run folder or checkpoint folder to resume from")
     t.add_argument("--pictures", type=int, default=8, help="validation images to draw predictions on (default 8)")
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="COCO AP of trained weights, with and without NMS side by side")
     e.add_argument("weights", help="run folder, checkpoint folder or model.safetensors")
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data=bccd test.max_detections=300")
     e.add_argument("--out", help="results JSON (default: eval.json beside the weights)")
     e.add_argument("--device", default="auto")
-    e.set_defaults(func=cmd_eval)
+    e.set_defaults(func=_cmd_eval)
 
     pr = sub.add_parser("predict", help="detect objects in images; writes detections.json and pictures")
     pr.add_argument("weights", help="run folder, checkpoint folder or model.safetensors")
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--score", type=float, default=0.3, help="minimum score to keep a detection (default 0.3)")
     pr.add_argument("--no-draw", action="store_true", help="write detections.json only")
     pr.add_argument("--device", default="auto")
-    pr.set_defaults(func=cmd_predict)
+    pr.set_defaults(func=_cmd_predict)
 
     d = sub.add_parser("data", help="datasets: sample data, format conversion, validation")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
@@ -142,12 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     k = dsub.add_parser("check", help="validate a COCO JSON file (and its images)")
     k.add_argument("ann", help="COCO JSON file")
     k.add_argument("--images", help="image folder, to check that every file exists")
-    d.set_defaults(func=cmd_data)
+    d.set_defaults(func=_cmd_data)
 
     r = sub.add_parser("recipes", help="list recipes, or `recipes show NAME` to print one as YAML")
     r.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     r.add_argument("name", nargs="?")
-    r.set_defaults(func=cmd_recipes)
+    r.set_defaults(func=_cmd_recipes)
     return p
 
 
