@@ -82,3 +82,28 @@ def test_train_eval_predict_on_real_images(bccd_subset, tmp_path, capsys):
             x1, y1, x2, y2 = d["box_xyxy"]
             assert 0 <= x1 < x2 <= record["width"] and 0 <= y1 < y2 <= record["height"]
     assert len(list((tmp_path / "pred").glob("*.png"))) == 2
+
+
+@pytest.mark.slow
+def test_export_onnx_matches_pytorch(bccd_subset, tmp_path):
+    """`e2edet export` writes an NMS-free ONNX graph whose outputs match the PyTorch predictor's top-k."""
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+
+    from e2edet.export import EndToEndDetector
+    from e2edet.inference import Predictor
+
+    run = tmp_path / "runs"
+    assert main(["train", "defcn_mnv2_cpu", f"data={bccd_subset}", "iters=1", f"output={run}", "--pictures", "0",
+                 *TINY]) == 0
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(run / "defcn_mnv2_cpu"), "--out", str(onnx_path), "--size", "192x256"]) == 0
+    predictor = Predictor.from_weights(run / "defcn_mnv2_cpu", device="cpu")
+    images = torch.randn(2, 3, 192, 256)
+    boxes, scores, labels = ort.InferenceSession(str(onnx_path)).run(None, {"images": images.numpy()})
+    assert boxes.shape == (2, 100, 4) and scores.shape == (2, 100) and labels.shape == (2, 100)
+    with torch.no_grad():
+        ref = EndToEndDetector(predictor.model, "cls_filter", 100)(images)
+    assert torch.allclose(torch.from_numpy(scores), ref[1], atol=1e-5)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()  # sorted, no NMS
+    assert main(["export", str(run / "defcn_mnv2_cpu"), "--out", str(onnx_path), "--size", "190x256"]) == 2

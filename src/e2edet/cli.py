@@ -1,4 +1,4 @@
-"""Command line: ``e2edet train | eval | predict | data | recipes``.
+"""Command line: ``e2edet train | eval | predict | export | data | recipes``.
 
 Examples::
 
@@ -10,6 +10,7 @@ Examples::
     torchrun --nproc_per_node 2 -m e2edet train defcn_r50_3x_ms data=coco.yaml
     e2edet eval runs/defcn_mnv2_cpu                  # AP / AP50 / ... with and without NMS
     e2edet predict runs/defcn_mnv2_cpu images/ --out preds --score 0.3
+    e2edet export runs/defcn_mnv2_cpu --out defcn.onnx --size 416x416
     e2edet data sample trees
     e2edet data convert voc path/to/VOC --split train --out train.json
     e2edet data convert yolo images/ labels/ --classes names.txt --out train.json
@@ -19,6 +20,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +57,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from e2edet.tasks import predict
 
     predict(args.weights, list_images(args.sources), args.out, args.score, draw=not args.no_draw, device=args.device)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from e2edet.export import export_onnx
+    from e2edet.inference import Predictor
+
+    predictor = Predictor.from_weights(args.weights, device="cpu")
+    height, width = (int(v) for v in args.size.lower().split("x"))
+    path = export_onnx(predictor.model, predictor.cfg, args.out, height, width)
+    print(f"{path}: images [B, 3, {height}, {width}] -> boxes, scores, labels (top "
+          f"{predictor.cfg.test.max_detections}, no NMS); onnxruntime matches PyTorch")
     return 0
 
 
@@ -127,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=_cmd_predict)
 
+    x = sub.add_parser("export", help="ONNX export of an end-to-end model (post-processing included, no NMS)")
+    x.add_argument("weights", help="run folder, checkpoint folder or model.safetensors")
+    x.add_argument("--out", default="model.onnx")
+    x.add_argument("--size", default="416x576", help="input HxW in pixels, multiples of 32 (default 416x576)")
+    x.set_defaults(func=_cmd_export)
+
     d = sub.add_parser("data", help="datasets: sample data, format conversion, validation")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     s = dsub.add_parser("sample", help="prepare a bundled real sample (trees: NEON aerial tree crowns)")
@@ -152,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``e2edet`` console script; returns the exit status (2 on bad config or data)."""
+    """Entry point of the ``e2edet`` console script.
+
+    Returns the exit status: 0, or 2 with a one-line message on bad input (config, data, weights files, sizes).
+    """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may follow options (``--resume X epochs=6``); anything else unknown is an error
@@ -164,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, FileNotFoundError) as e:
-        print(f"e2edet: error: {e}", file=sys.stderr)
+    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("E2EDET_DEBUG"):  # full traceback for bug reports
+            raise
+        print(f"e2edet: error: {e} (set E2EDET_DEBUG=1 for a traceback)", file=sys.stderr)
         return 2
 
 
