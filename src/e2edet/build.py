@@ -62,6 +62,7 @@ def build_criterion(cfg: Config) -> DenseCriterion:
         center_radius=lc.center_radius,
         aux_topk=lc.aux_topk,
         aux_weight=lc.aux_weight,
+        keep_infeasible=lc.keep_infeasible,
     )
 
 

@@ -69,6 +69,8 @@ class LossConfig:
     ``assigner``: ``fcos`` (one-to-many), ``poto`` (Hungarian one-to-one) or ``poto_argmax``.
     ``score``: the score the one-to-one loss and POTO quality use, ``cls`` or ``cls_filter`` (3DMF).
     ``aux``: add DeFCN's auxiliary one-to-many focal loss on the cls logits.
+    ``keep_infeasible``: keep Hungarian matches outside a GT's prior (official DeFCN) instead of dropping them
+    (see :class:`e2edet.assign.poto.POTOAssigner`).
     """
 
     assigner: str = "poto"
@@ -81,6 +83,7 @@ class LossConfig:
     center_radius: float = 1.5
     aux_topk: int = 9
     aux_weight: float = 1.0
+    keep_infeasible: bool = False
 
 
 @dataclass
