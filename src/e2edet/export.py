@@ -10,6 +10,7 @@ can be dropped). Recipes whose evaluation needs NMS (FCOS) are refused.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +73,14 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.onnx.export(wrapper, (example,), str(tmp), input_names=["images"], output_names=["boxes", "scores", "labels"],
-                      dynamic_axes={"images": {0: "batch"}, "boxes": {0: "batch"}, "scores": {0: "batch"},
-                                    "labels": {0: "batch"}}, opset_version=opset, dynamo=False)
+    with warnings.catch_warnings():
+        # The TorchScript exporter (no onnxscript dependency) warns that it is legacy, and the tracer that the input
+        # size becomes a constant: both are intended, the spatial size is fixed at export and checked below.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(wrapper, (example,), str(tmp), input_names=["images"],
+                          output_names=["boxes", "scores", "labels"], opset_version=opset, dynamo=False,
+                          dynamic_axes={name: {0: "batch"} for name in ("images", "boxes", "scores", "labels")})
     with torch.no_grad():
         ref = [t.numpy() for t in wrapper(example)]
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])

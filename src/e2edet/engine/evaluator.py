@@ -139,11 +139,6 @@ class CocoEvaluator:
         return {name: (float(v) * 100.0 if v >= 0 else -1.0) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    """Tensor -> device; other values unchanged."""
-    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
