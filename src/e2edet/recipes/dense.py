@@ -62,7 +62,7 @@ def _cpu(variant: str) -> Config:
     cfg.model.num_convs = 2
     _apply(cfg, model, loss, test)
     t = cfg.train
-    t.epochs, t.batch_size, t.workers = 12, 4, 2
+    t.epochs, t.batch_size, t.workers = 24, 4, 2
     t.optimizer, t.lr, t.weight_decay, t.warmup_iters, t.warmup_factor = "adamw", 1e-3, 1e-4, 100, 0.01
     t.steps, t.clip_grad_norm, t.log_period, t.eval_period = (0.75, 0.92), 10.0, 10, 0
     return cfg
