@@ -100,7 +100,7 @@ def main() -> None:
     for img, t in zip(*batch):
         h, w = t["size"].tolist()
         tv_images.append(img[:, :h, :w] * std + mean)  # back to [0, 1] RGB; torchvision normalises itself
-        tv_targets.append({"boxes": t["boxes"], "labels": t["labels"] + 1})
+        tv_targets.append({"boxes": t["boxes"], "labels": t["labels"]})  # sigmoid classes 0..K-1
     tv_opt = torch.optim.SGD([q for q in tv.parameters() if q.requires_grad], lr=1e-3, momentum=0.9)
 
     def tv_step():
