@@ -5,17 +5,13 @@ import torch
 
 from e2edet.assign.auxiliary import AuxAssigner
 from e2edet.assign.prior import inside_box, quality_matrix
+from e2edet.models.dense.points import anchor_points
 
 
 def _pyramid(size=64, strides=(8, 16, 32)):
-    points, levels, counts = [], [], []
-    for lvl, s in enumerate(strides):
-        n = size // s
-        ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
-        points.append(torch.stack(((xs.flatten() + 0.5) * s, (ys.flatten() + 0.5) * s), 1).float())
-        levels.append(torch.full((n * n,), lvl, dtype=torch.int64))
-        counts.append(n * n)
-    return torch.cat(points), torch.cat(levels), counts
+    """Anchor points of a small square pyramid (the model's own point generator)."""
+    points, _, levels, counts = anchor_points([(size // s, size // s) for s in strides], list(strides))
+    return points, levels, counts
 
 
 def test_hand_threshold_mean_plus_unbiased_std():
@@ -27,16 +23,15 @@ def test_hand_threshold_mean_plus_unbiased_std():
     cls_prob = (q**5).reshape(1, 4, 1)
     boxes = gt.expand(1, 4, 4)
     target = {"boxes": gt, "labels": torch.tensor([0])}
-    levels = torch.zeros(4, dtype=torch.int64)
-    out = AuxAssigner(topk=3)(cls_prob, boxes, points, levels, [4], [target], num_classes=1)
+    out = AuxAssigner(topk=3)(cls_prob, boxes, points, [4], [target], num_classes=1)
     assert out.pos_mask[0].tolist() == [True, False, False, False]
     # Same, but the best point lies outside the GT box: the GT ends with no positive.
     outside = points.clone()
     outside[0] = torch.tensor([25.0, 5.0])
-    out2 = AuxAssigner(topk=3)(cls_prob, boxes, outside, levels, [4], [target], num_classes=1)
+    out2 = AuxAssigner(topk=3)(cls_prob, boxes, outside, [4], [target], num_classes=1)
     assert not out2.pos_mask.any()
     # topk=1 on one level: a single candidate, std taken as 0, the candidate is its own threshold.
-    out3 = AuxAssigner(topk=1)(cls_prob, boxes, points, levels, [4], [target], num_classes=1)
+    out3 = AuxAssigner(topk=1)(cls_prob, boxes, points, [4], [target], num_classes=1)
     assert out3.pos_mask[0].tolist() == [True, False, False, False]
 
 
@@ -52,7 +47,7 @@ def test_aux_properties_on_random_predictions():
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     targets = [{"boxes": gts, "labels": labels}, empty]
     topk = 9
-    out = AuxAssigner(topk=topk)(cls_prob, boxes, points, levels, counts, targets, num_classes=k)
+    out = AuxAssigner(topk=topk)(cls_prob, boxes, points, counts, targets, num_classes=k)
 
     q = quality_matrix(cls_prob[0], boxes[0], gts, labels, 0.8)
     inside = inside_box(points, gts)
@@ -87,7 +82,7 @@ def test_conflict_goes_to_highest_quality():
     boxes = gts[1].expand(1, 4, 4)
     cls_prob = torch.tensor([0.9, 0.1, 0.1, 0.1]).reshape(1, 4, 1).expand(1, 4, 2).contiguous()
     target = {"boxes": gts, "labels": torch.tensor([0, 1])}
-    out = AuxAssigner(topk=4)(cls_prob, boxes, points, torch.zeros(4, dtype=torch.int64), [4], [target], 2)
+    out = AuxAssigner(topk=4)(cls_prob, boxes, points, [4], [target], 2)
     q = quality_matrix(cls_prob[0], boxes[0], gts, target["labels"], 0.8)
     both = AuxAssigner(topk=4).positives(q, points, gts, [4])
     assert both[:, 0].all()  # point 0 is positive for both GTs
@@ -96,6 +91,6 @@ def test_conflict_goes_to_highest_quality():
 
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
-        AuxAssigner()(torch.rand(1, 4, 1), torch.rand(1, 4, 4), torch.rand(4, 2), torch.zeros(4), [3], [{}], 1)
+        AuxAssigner()(torch.rand(1, 4, 1), torch.rand(1, 4, 4), torch.rand(4, 2), [3], [{}], 1)
     with pytest.raises(ValueError):
         AuxAssigner(topk=0)

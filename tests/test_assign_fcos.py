@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from e2edet.assign.base import DenseAssignment, assignment_from_matches
+from e2edet.assign.base import DenseAssignment, assignment_from_gt_index
 from e2edet.assign.fcos import FCOSAssigner
 from e2edet.models.dense.box_coder import centerness_target, encode_ltrb
 from e2edet.models.dense.points import anchor_points
@@ -100,15 +100,10 @@ def test_unknown_level_raises():
         )
 
 
-def test_assignment_from_matches_and_one_hot():
+def test_assignment_from_gt_index_and_one_hot():
     tgt = _target([[0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 9.0, 9.0]], [2, 0])
-    out = assignment_from_matches(
-        [(torch.tensor([3, 0]), torch.tensor([1, 0])), (torch.zeros(0, dtype=torch.int64),) * 2],
-        [tgt, _target([], [])],
-        num_points=5,
-        num_classes=3,
-        device=torch.device("cpu"),
-    )
+    gt_index = torch.tensor([[0, -1, -1, 1, -1], [-1] * 5])
+    out = assignment_from_gt_index(gt_index, [tgt, _target([], [])], num_classes=3)
     assert out.labels.tolist() == [[2, 3, 3, 0, 3], [3] * 5]
     assert out.gt_index.tolist() == [[0, -1, -1, 1, -1], [-1] * 5]
     assert out.box_targets[0, 3].tolist() == [1.0, 1.0, 9.0, 9.0]

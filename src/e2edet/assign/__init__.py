@@ -4,7 +4,7 @@ Every dense assigner returns a :class:`DenseAssignment`; see ``docs/architecture
 """
 
 from e2edet.assign.auxiliary import AuxAssigner
-from e2edet.assign.base import DenseAssignment, assignment_from_gt_index, assignment_from_matches, empty_assignment
+from e2edet.assign.base import DenseAssignment, assignment_from_gt_index, empty_assignment
 from e2edet.assign.fcos import FCOSAssigner
 from e2edet.assign.hungarian import linear_assignment
 from e2edet.assign.poto import POTOAssigner
@@ -16,7 +16,6 @@ __all__ = [
     "FCOSAssigner",
     "POTOAssigner",
     "assignment_from_gt_index",
-    "assignment_from_matches",
     "center_prior",
     "empty_assignment",
     "inside_box",

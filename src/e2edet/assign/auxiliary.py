@@ -69,7 +69,6 @@ class AuxAssigner:
         cls_prob: Tensor,
         pred_boxes: Tensor,
         points: Tensor,
-        levels: Tensor,
         num_points_per_level: list[int],
         targets: list[dict],
         num_classes: int,
@@ -80,8 +79,6 @@ class AuxAssigner:
             cls_prob: ``[B, R, K]`` ``sigmoid(cls)`` only (never multiplied by the filter score).
             pred_boxes: ``[B, R, 4]`` current decoded predictions, xyxy pixels.
             points: ``float [R, 2]`` anchor points.
-            levels: ``int64 [R]`` FPN level of each point (only checked for shape; the level split comes from
-                ``num_points_per_level``).
             num_points_per_level: points per level, P3 first; sums to ``R``.
             targets: B dicts with ``boxes float32 [G, 4]`` xyxy pixels and ``labels int64 [G]``.
             num_classes: ``K``.
@@ -89,14 +86,13 @@ class AuxAssigner:
             :class:`~e2edet.assign.base.DenseAssignment` on ``cls_prob``'s device; ``box_targets`` are filled for
             completeness though the aux loss has no regression term.
         Raises:
-            ValueError: if ``num_points_per_level`` or ``levels`` do not match ``R``.
+            ValueError: if ``num_points_per_level`` does not sum to ``R``.
         """
         device = cls_prob.device
         num_points = cls_prob.shape[1]
-        if sum(num_points_per_level) != num_points or levels.shape[0] != num_points:
+        if sum(num_points_per_level) != num_points:
             raise ValueError(
-                f"num_points_per_level sums to {sum(num_points_per_level)}, levels has {levels.shape[0]} entries, "
-                f"predictions have R = {num_points}"
+                f"num_points_per_level sums to {sum(num_points_per_level)}, predictions have R = {num_points}"
             )
         points = points.detach().float()
         gt_index = torch.full((len(targets), num_points), -1, dtype=torch.int64, device=device)

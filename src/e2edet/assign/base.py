@@ -61,42 +61,6 @@ def empty_assignment(batch_size: int, num_points: int, num_classes: int, device:
     )
 
 
-def assignment_from_matches(
-    matches: list[tuple[Tensor, Tensor]],
-    targets: list[dict],
-    num_points: int,
-    num_classes: int,
-    device: torch.device,
-) -> DenseAssignment:
-    """Build a :class:`DenseAssignment` from per-image lists of (anchor point, GT) pairs.
-
-    Args:
-        matches: one ``(point_idx int64 [M_b], gt_idx int64 [M_b])`` pair per image; point indices must be distinct
-            within an image (an anchor point has at most one GT). ``M_b = 0`` is allowed.
-        targets: the batch's target dicts with ``boxes float32 [G_b, 4]`` (xyxy pixels) and ``labels int64 [G_b]``.
-        num_points: ``R``, number of anchor points per image.
-        num_classes: ``K``; background label.
-        device: device of the returned tensors.
-    Returns:
-        The record: matched points take their GT's label, xyxy box and index; every other point is background.
-    Raises:
-        ValueError: if ``len(matches) != len(targets)``.
-    """
-    if len(matches) != len(targets):
-        raise ValueError(f"got {len(matches)} match lists for {len(targets)} images")
-    out = empty_assignment(len(targets), num_points, num_classes, device)
-    for b, ((point_idx, gt_idx), tgt) in enumerate(zip(matches, targets)):
-        if point_idx.numel() == 0:
-            continue
-        point_idx = point_idx.to(device=device, dtype=torch.int64)
-        gt_idx = gt_idx.to(device=device, dtype=torch.int64)
-        out.labels[b, point_idx] = tgt["labels"].to(device=device, dtype=torch.int64)[gt_idx]
-        out.box_targets[b, point_idx] = tgt["boxes"].to(device=device, dtype=torch.float32)[gt_idx]
-        out.pos_mask[b, point_idx] = True
-        out.gt_index[b, point_idx] = gt_idx
-    return out
-
-
 def assignment_from_gt_index(
     gt_index: Tensor, targets: list[dict], num_classes: int
 ) -> DenseAssignment:

@@ -99,17 +99,26 @@ class DenseCriterion(nn.Module):
             self.assigner = POTOAssigner(poto_alpha, center_radius, mode=mode, keep_infeasible=keep_infeasible)
         self.aux_assigner = AuxAssigner(alpha=poto_alpha, topk=aux_topk) if aux else None
 
-    def assign(self, outputs: dict, targets: list[dict]) -> DenseAssignment:
-        """Run the main assigner on detached predictions; see :meth:`forward` for ``outputs``/``targets``."""
+    def assign(self, outputs: dict, targets: list[dict], score_prob: Tensor | None = None) -> DenseAssignment:
+        """Run the main assigner on detached predictions; see :meth:`forward` for ``outputs``/``targets``.
+
+        ``score_prob`` (``[B, R, K]``, the POTO score: ``sigmoid(cls)`` or ``sigmoid(cls)·sigmoid(filter)``) is
+        computed from ``outputs`` when not given; it is detached here.
+        """
         if self.assigner_name == "fcos":
             return self.assigner(outputs["points"], outputs["strides"], outputs["levels"], targets, self.num_classes)
-        with torch.no_grad():
-            prob = outputs["pred_logits"].detach().float().sigmoid()
-            if self.score == "cls_filter":
-                prob = prob * outputs["pred_filter"].detach().float().sigmoid().unsqueeze(-1)
+        if score_prob is None:
+            score_prob = self._score_prob(outputs["pred_logits"].float().sigmoid(), outputs)
         return self.assigner(
-            prob, outputs["pred_boxes"].detach(), outputs["points"], outputs["strides"], targets, self.num_classes
+            score_prob.detach(), outputs["pred_boxes"].detach(), outputs["points"], outputs["strides"], targets,
+            self.num_classes,
         )
+
+    def _score_prob(self, cls_prob: Tensor, outputs: dict) -> Tensor:
+        """The one-to-one score ``[B, R, K]``: ``cls_prob``, times ``sigmoid(pred_filter)`` for ``cls_filter``."""
+        if self.score == "cls_filter":
+            return cls_prob * outputs["pred_filter"].float().sigmoid().unsqueeze(-1)
+        return cls_prob
 
     def _focal(self, logits: Tensor, target: Tensor) -> Tensor:
         return sigmoid_focal_loss(logits, target, self.focal_alpha, self.focal_gamma, reduction="sum")
@@ -137,15 +146,16 @@ class DenseCriterion(nn.Module):
         pred_boxes = outputs["pred_boxes"]
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"pred_logits has {logits.shape[-1]} classes, criterion expects {self.num_classes}")
-        assignment = self.assign(outputs, targets)
+        cls_prob = logits.float().sigmoid()  # shared by the loss, POTO and the aux assigner
+        score_prob = self._score_prob(cls_prob, outputs)
+        assignment = self.assign(outputs, targets, score_prob)
         pos = assignment.pos_mask
         num_pos = pos.sum()
         normaliser = reduce_mean(num_pos).clamp(min=1.0)
         cls_target = assignment.one_hot(self.num_classes)
 
         if self.score == "cls_filter":
-            prob = logits.float().sigmoid() * outputs["pred_filter"].float().sigmoid().unsqueeze(-1)
-            loss_cls = prob_focal_loss(prob, cls_target, self.focal_alpha, self.focal_gamma, reduction="sum")
+            loss_cls = prob_focal_loss(score_prob, cls_target, self.focal_alpha, self.focal_gamma, reduction="sum")
         else:
             loss_cls = self._focal(logits, cls_target)
         losses = {"loss_cls": loss_cls / normaliser}
@@ -169,13 +179,10 @@ class DenseCriterion(nn.Module):
             "num_fg_per_gt": num_pos.detach().float() / max(num_gt, 1),
         }
         if self.aux_assigner is not None:
-            with torch.no_grad():
-                cls_prob = logits.detach().float().sigmoid()
             aux = self.aux_assigner(
-                cls_prob,
+                cls_prob.detach(),
                 pred_boxes.detach(),
                 outputs["points"],
-                outputs["levels"],
                 list(outputs["num_points_per_level"]),
                 targets,
                 self.num_classes,
