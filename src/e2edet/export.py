@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from e2edet.config import Config
+from e2edet.models.dense.postprocess import class_probabilities
 
 
 class EndToEndDetector(nn.Module):
@@ -39,9 +40,7 @@ class EndToEndDetector(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.model(images)
-        prob = out["pred_logits"].sigmoid()
-        if self.score == "cls_filter":
-            prob = prob * out["pred_filter"].sigmoid().unsqueeze(-1)
+        prob = class_probabilities(out, self.score)
         num_classes = prob.shape[-1]
         scores, index = prob.flatten(1).topk(self.max_detections, dim=1)
         point = torch.div(index, num_classes, rounding_mode="floor")

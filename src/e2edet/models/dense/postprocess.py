@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torchvision import ops as tv_ops
 
-__all__ = ["DensePostProcessor", "SCORE_MODES"]
+__all__ = ["DensePostProcessor", "SCORE_MODES", "class_probabilities"]
 
 SCORE_MODES = ("cls", "cls_filter", "cls_ctr_sqrt", "cls_ctr")
 
@@ -25,6 +25,21 @@ def _as_sizes(sizes: torch.Tensor | Sequence, batch: int, name: str) -> torch.Te
     if t.shape[0] != batch:
         raise ValueError(f"{name} has {t.shape[0]} rows for a batch of {batch} images")
     return t
+
+
+def class_probabilities(outputs: dict, score: str) -> torch.Tensor:
+    """Per-(point, class) probabilities ``float32 [B, R, K]`` that a score mode thresholds and ranks.
+
+    ``cls``: ``sigmoid(pred_logits)``; ``cls_filter``: times ``sigmoid(pred_filter)`` (DeFCN 3DMF, §2.5);
+    ``cls_ctr``: times ``sigmoid(pred_ctr)`` (MMDetection / O2F); ``cls_ctr_sqrt``: ``sigmoid(pred_logits)`` only,
+    since cvpods FCOS thresholds the cls probability and applies ``sqrt(p · ctr)`` afterwards (§1.5).
+    """
+    prob = outputs["pred_logits"].float().sigmoid()
+    if score == "cls_filter":
+        prob = prob * outputs["pred_filter"].float().sigmoid().unsqueeze(-1)
+    elif score == "cls_ctr":
+        prob = prob * outputs["pred_ctr"].float().sigmoid().unsqueeze(-1)
+    return prob
 
 
 class DensePostProcessor:
@@ -63,17 +78,15 @@ class DensePostProcessor:
         self.topk_candidates = int(topk_candidates)
         self.max_detections = int(max_detections)
 
-    def _candidates(self, outputs: dict, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-level top-k + threshold for image ``b`` -> (boxes ``[n, 4]``, scores ``[n]``, labels ``[n]`` int64)."""
-        logits = outputs["pred_logits"][b].float()
-        num_points, num_classes = logits.shape
-        prob = logits.sigmoid()
-        if self.score == "cls_filter":
-            prob = prob * outputs["pred_filter"][b].float().sigmoid().unsqueeze(-1)
-        elif self.score in ("cls_ctr", "cls_ctr_sqrt"):
+    def _candidates(
+        self, outputs: dict, prob: torch.Tensor, b: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-level top-k + threshold for image ``b`` of ``prob`` (:func:`class_probabilities`) -> (boxes ``[n, 4]``,
+        scores ``[n]``, labels ``[n]`` int64)."""
+        prob = prob[b]
+        num_points, num_classes = prob.shape
+        if self.score == "cls_ctr_sqrt":
             ctr = outputs["pred_ctr"][b].float().sigmoid()
-            if self.score == "cls_ctr":
-                prob = prob * ctr.unsqueeze(-1)
         counts = outputs.get("num_points_per_level", [num_points])
         boxes, scores, labels = [], [], []
         start = 0
@@ -123,9 +136,10 @@ class DensePostProcessor:
         batch = outputs["pred_logits"].shape[0]
         image_sizes = _as_sizes(image_sizes, batch, "image_sizes")
         orig_sizes = _as_sizes(orig_sizes, batch, "orig_sizes")
+        prob = class_probabilities(outputs, self.score)
         results = []
         for b in range(batch):
-            boxes, scores, labels = self._candidates(outputs, b)
+            boxes, scores, labels = self._candidates(outputs, prob, b)
             if nms_iou is not None:
                 order = tv_ops.batched_nms(boxes, scores, labels, float(nms_iou))
             else:
