@@ -35,18 +35,23 @@ class MaxFiltering3D(nn.Module):
         tau: scale extent (``POTO.FILTER_TAU=2``: levels l-1, l, l+1); 0 gives per-level 2D max pooling.
         use_gn: GroupNorm after the residual (``3dmf`` variants) or not (``3dmf_wo_gn``).
 
+    Computed as ``max_pool2d(max_k f_k)``: the depth window ``tau + 1`` centred on slice ``min(l, margin)`` with
+    ``tau // 2`` padding covers exactly the stacked levels, and max commutes with max, so this equals step 3's
+    slice while pooling one 2D map instead of a whole 3D volume.
+
     Init: call ``e2edet.models.dense.layers.init_head_modules`` (the head does: N(0, 0.01), bias 0).
 
     Raises:
-        ValueError: for an even ``kernel_size`` or a negative ``tau``.
+        ValueError: for an even ``kernel_size`` or a negative or odd ``tau`` (DeFCN uses 2; an odd depth kernel
+            has no centred slice).
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, tau: int = 2, use_gn: bool = True):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        if tau < 0:
-            raise ValueError(f"tau must be >= 0, got {tau}")
+        if tau < 0 or tau % 2:
+            raise ValueError(f"tau must be even and >= 0, got {tau}")
         self.kernel_size = kernel_size
         self.tau = tau
         self.margin = tau // 2
@@ -66,14 +71,8 @@ class MaxFiltering3D(nn.Module):
                 if k != level:
                     g = F.interpolate(g, size=size, mode="bilinear", align_corners=False)
                 stack.append(g)
-            volume = torch.stack(stack, dim=2)  # [B, C, D, H_l, W_l]
-            pooled = F.max_pool3d(
-                volume,
-                kernel_size=(self.tau + 1, self.kernel_size, self.kernel_size),
-                stride=1,
-                padding=(self.tau // 2, self.kernel_size // 2, self.kernel_size // 2),
-            )
-            out.append(pooled[:, :, min(level, self.margin)])
+            across = torch.stack(stack).amax(dim=0)  # max over the neighbouring levels, [B, C, H_l, W_l]
+            out.append(F.max_pool2d(across, self.kernel_size, stride=1, padding=self.kernel_size // 2))
         return out
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
