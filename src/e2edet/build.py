@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -48,22 +49,8 @@ def build_model(cfg: Config) -> DenseDetector:
 
 
 def build_criterion(cfg: Config) -> DenseCriterion:
-    """The dense criterion (assigner + losses) of ``cfg.loss``."""
-    lc = cfg.loss
-    return DenseCriterion(
-        num_classes=cfg.model.num_classes,
-        assigner=lc.assigner,
-        score=lc.score,
-        aux=lc.aux,
-        focal_alpha=lc.focal_alpha,
-        focal_gamma=lc.focal_gamma,
-        reg_weight=lc.reg_weight,
-        poto_alpha=lc.poto_alpha,
-        center_radius=lc.center_radius,
-        aux_topk=lc.aux_topk,
-        aux_weight=lc.aux_weight,
-        keep_infeasible=lc.keep_infeasible,
-    )
+    """The dense criterion (assigner + losses) of ``cfg.loss``, whose fields are the criterion's arguments."""
+    return DenseCriterion(num_classes=cfg.model.num_classes, **dataclasses.asdict(cfg.loss))
 
 
 def build_postprocessor(cfg: Config) -> DensePostProcessor:

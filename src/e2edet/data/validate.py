@@ -63,15 +63,21 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _malformed(section: str, index: int, item: Any, keys: tuple[str, ...], problems: list[str]) -> bool:
+    """Record a problem and return True when ``item`` (``section[index]``) is not an object with all ``keys``."""
+    if not isinstance(item, dict):
+        problems.append(f"{section}[{index}]: is not an object")
+        return True
+    missing = [k for k in keys if k not in item]
+    if missing:
+        problems.append(f"{section}[{index}]: missing key(s) {', '.join(missing)}")
+    return bool(missing)
+
+
 def _check_images(images: list, problems: list[str], image_root: Path | None) -> dict[int, dict]:
     by_id: dict[int, dict] = {}
     for index, img in enumerate(images):
-        if not isinstance(img, dict):
-            problems.append(f"images[{index}]: is not an object")
-            continue
-        missing = [k for k in ("id", "file_name", "width", "height") if k not in img]
-        if missing:
-            problems.append(f"images[{index}]: missing key(s) {', '.join(missing)}")
+        if _malformed("images", index, img, ("id", "file_name", "width", "height"), problems):
             continue
         img_id, name = img["id"], img["file_name"]
         record = f"image id {img_id!r} ({name})"
@@ -97,8 +103,7 @@ def _check_images(images: list, problems: list[str], image_root: Path | None) ->
 def _check_categories(categories: list, problems: list[str]) -> set[int]:
     ids: set[int] = set()
     for index, cat in enumerate(categories):
-        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
-            problems.append(f"categories[{index}]: must be an object with keys id and name")
+        if _malformed("categories", index, cat, ("id", "name"), problems):
             continue
         if not _is_int(cat["id"]):
             problems.append(f"categories[{index}]: id {cat['id']!r} is not an integer")
@@ -128,12 +133,7 @@ def _check_box(record: str, bbox: Any, img: dict, problems: list[str]) -> None:
 def _check_annotations(anns: list, images: dict[int, dict], cat_ids: set[int], problems: list[str]) -> None:
     seen: set[Any] = set()
     for index, ann in enumerate(anns):
-        if not isinstance(ann, dict):
-            problems.append(f"annotations[{index}]: is not an object")
-            continue
-        missing = [k for k in ("id", "image_id", "category_id", "bbox") if k not in ann]
-        if missing:
-            problems.append(f"annotations[{index}]: missing key(s) {', '.join(missing)}")
+        if _malformed("annotations", index, ann, ("id", "image_id", "category_id", "bbox"), problems):
             continue
         record = f"annotation id {ann['id']!r} (image id {ann['image_id']!r})"
         bad = [k for k in ("id", "image_id", "category_id") if not _is_int(ann[k])]
