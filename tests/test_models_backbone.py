@@ -33,6 +33,20 @@ def test_every_backbone_builds_with_channels_and_strides(name):
         assert feat.shape == (1, ch, 64 // stride, 64 // stride)
 
 
+C2_CHANNELS = {"resnet18": 64, "resnet50": 256, "mobilenet_v2": 24}
+
+
+@pytest.mark.parametrize("name", list(C2_CHANNELS))
+def test_with_c2_adds_the_stride_4_map(name):
+    backbone = build_backbone(name, pretrained=False, with_c2=True).eval()
+    assert backbone.out_channels == [C2_CHANNELS[name], *CHANNELS[name]] and backbone.strides == [4, 8, 16, 32]
+    with torch.no_grad():
+        out = backbone(torch.randn(1, 3, 64, 64))
+    assert list(out) == ["c2", "c3", "c4", "c5"]
+    for feat, ch, stride in zip(out.values(), backbone.out_channels, backbone.strides):
+        assert feat.shape == (1, ch, 64 // stride, 64 // stride)
+
+
 def test_resnet_freeze_at_2_freezes_stem_and_layer1():
     backbone = build_backbone("resnet18", pretrained=False, freeze_at=2)
     for name, p in backbone.named_parameters():

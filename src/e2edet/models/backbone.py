@@ -1,4 +1,4 @@
-"""ImageNet backbones (ResNet-18/34/50/101, MobileNetV2) that return C3, C4, C5 feature maps.
+"""ImageNet backbones (ResNet-18/34/50/101, MobileNetV2) that return C3, C4, C5 (optionally C2) feature maps.
 
 Built on ``torchvision.models`` with its weights API. Freezing follows cvpods ``FREEZE_AT`` (spec ``dense.md`` 1.2):
 ``freeze_at = k`` freezes the first ``k`` stages, where stage 1 is the stem and stage 2 is the first stride-4 stage
@@ -22,19 +22,20 @@ __all__ = ["Backbone", "build_backbone", "BACKBONES", "freeze_module"]
 
 # Child-module names of each freezing stage (stem first) and of the C3/C4/C5 taps.
 _RESNET_STAGES = [["conv1", "bn1", "relu", "maxpool"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
-_RESNET_TAPS = ["layer2", "layer3", "layer4"]
+_RESNET_TAPS = ["layer1", "layer2", "layer3", "layer4"]  # C2..C5
 # MobileNetV2 ``features`` indices grouped by output stride: 2 (stem), 4, 8, 16, 32. Taps verified on torchvision 0.29:
-# features[6] -> 32 ch at stride 8, features[13] -> 96 ch at stride 16, features[18] -> 1280 ch at stride 32.
+# features[3] -> 24 ch at stride 4, features[6] -> 32 ch at stride 8, features[13] -> 96 ch at stride 16,
+# features[18] -> 1280 ch at stride 32.
 _MBV2_STAGES = [[str(i) for i in range(a, b)] for a, b in [(0, 2), (2, 4), (4, 7), (7, 14), (14, 19)]]
-_MBV2_TAPS = ["6", "13", "18"]
+_MBV2_TAPS = ["3", "6", "13", "18"]  # C2..C5
 
-# name -> (torchvision constructor, ImageNet weights enum member, C3/C4/C5 channels)
+# name -> (torchvision constructor, ImageNet weights enum member, C2/C3/C4/C5 channels)
 BACKBONES: dict[str, tuple[Callable[..., nn.Module], object, list[int]]] = {
-    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, [128, 256, 512]),
-    "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1, [128, 256, 512]),
-    "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1, [512, 1024, 2048]),
-    "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V1, [512, 1024, 2048]),
-    "mobilenet_v2": (models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1, [32, 96, 1280]),
+    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, [64, 128, 256, 512]),
+    "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1, [64, 128, 256, 512]),
+    "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1, [256, 512, 1024, 2048]),
+    "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V1, [256, 512, 1024, 2048]),
+    "mobilenet_v2": (models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1, [24, 32, 96, 1280]),
 }
 
 _NORMS: dict[str, type[nn.Module]] = {
@@ -100,29 +101,32 @@ def _load_imagenet_state_dict(name: str, weights) -> dict | None:
 
 
 class Backbone(nn.Module):
-    """Feature extractor returning ``OrderedDict(c3=[B,C3,H/8,W/8], c4=[B,C4,H/16,W/16], c5=[B,C5,H/32,W/32])``.
+    """Feature extractor returning ``OrderedDict(c3=[B,C3,H/8,W/8], c4=[B,C4,H/16,W/16], c5=[B,C5,H/32,W/32])``,
+    preceded by ``c2=[B,C2,H/4,W/4]`` when built with ``with_c2=True`` (Sparse R-CNN, AdaMixer).
 
     Attributes:
         name: backbone name (a key of ``BACKBONES``).
-        out_channels: ``[C3, C4, C5]`` channel counts.
-        strides: ``[8, 16, 32]`` output strides in pixels of the input.
+        out_channels: channel counts of the returned maps, in order.
+        strides: output strides in pixels of the input (``[8, 16, 32]`` or ``[4, 8, 16, 32]``).
         body: ``IntermediateLayerGetter`` over the torchvision model (classifier layers dropped).
     """
 
-    def __init__(self, name: str, body: nn.Module, out_channels: list[int]):
+    def __init__(self, name: str, body: nn.Module, out_channels: list[int], strides: list[int] | None = None):
         super().__init__()
         self.name = name
         self.body = body
         self.out_channels = list(out_channels)
-        self.strides = [8, 16, 32]
+        self.strides = list(strides) if strides is not None else [8, 16, 32]
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        """images ``[B, 3, H, W]`` (normalised RGB) -> ``OrderedDict`` ``c3``, ``c4``, ``c5`` (strides 8, 16, 32)."""
+        """images ``[B, 3, H, W]`` (normalised RGB) -> ``OrderedDict`` of the maps named ``c2``/``c3``.. ``c5``."""
         return self.body(images)
 
 
-def build_backbone(name: str, pretrained: bool = True, norm: str | None = None, freeze_at: int = 2) -> Backbone:
-    """Build a C3-C5 backbone, optionally with torchvision ImageNet weights.
+def build_backbone(
+    name: str, pretrained: bool = True, norm: str | None = None, freeze_at: int = 2, with_c2: bool = False
+) -> Backbone:
+    """Build a C3-C5 (or C2-C5) backbone, optionally with torchvision ImageNet weights.
 
     Args:
         name: one of ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``mobilenet_v2``.
@@ -133,10 +137,12 @@ def build_backbone(name: str, pretrained: bool = True, norm: str | None = None, 
         freeze_at: number of leading stages to freeze, 0..5 (cvpods ``FREEZE_AT``; default 2). ResNet: 1 = stem
             (conv1, bn1), 2 = + layer1 (res2), 3..5 = + layer2..layer4. MobileNetV2 ``features`` grouped by output
             stride: 1 = [0:2] (stride 2), 2 = + [2:4] (stride 4), 3 = + [4:7], 4 = + [7:14], 5 = + [14:19].
+        with_c2: also return the stride-4 map ``c2`` (ResNet ``layer1``, MobileNetV2 ``features[3]``).
 
     Returns:
-        ``Backbone`` whose forward maps ``[B, 3, H, W]`` to C3/C4/C5 at strides 8/16/32. Channels: ResNet-18/34
-        ``[128, 256, 512]``, ResNet-50/101 ``[512, 1024, 2048]``, MobileNetV2 ``[32, 96, 1280]``.
+        ``Backbone`` whose forward maps ``[B, 3, H, W]`` to C3/C4/C5 at strides 8/16/32 (C2..C5 at 4..32 with
+        ``with_c2``). C2/C3/C4/C5 channels: ResNet-18/34 ``[64, 128, 256, 512]``, ResNet-50/101
+        ``[256, 512, 1024, 2048]``, MobileNetV2 ``[24, 32, 96, 1280]``.
 
     Raises:
         ValueError: unknown ``name`` or ``norm``, or ``freeze_at`` outside 0..5.
@@ -166,5 +172,6 @@ def build_backbone(name: str, pretrained: bool = True, norm: str | None = None, 
     for stage in stages[:freeze_at]:
         for child in stage:
             setattr(trunk, child, freeze_module(getattr(trunk, child)))
-    body = IntermediateLayerGetter(trunk, return_layers={t: f"c{i + 3}" for i, t in enumerate(taps)})
-    return Backbone(key, body, channels)
+    first = 0 if with_c2 else 1
+    body = IntermediateLayerGetter(trunk, return_layers={t: f"c{i + 2}" for i, t in enumerate(taps) if i >= first})
+    return Backbone(key, body, channels[first:], [4, 8, 16, 32][first:])
