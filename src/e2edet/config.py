@@ -45,32 +45,61 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Dense (FCOS-style) detector settings; see :class:`e2edet.models.dense.detector.DenseDetector`.
+    """Detector settings.
 
-    ``num_classes`` and ``class_names`` are filled from the training dataset when left empty.
+    ``arch``: ``dense`` (FCOS-style: FCOS, POTO, DeFCN, O2F; :class:`e2edet.models.dense.detector.DenseDetector`),
+    ``sparse_rcnn`` (:class:`e2edet.models.query.sparse_rcnn.SparseRCNN`) or ``adamixer``
+    (:class:`e2edet.models.query.adamixer.AdaMixer`). ``fpn_channels`` is the FPN width, and for the query
+    detectors also the query width. Dense only: ``num_convs`` (tower depth), ``centerness`` (+ ``ctr_convs`` x
+    ``ctr_channels`` convs before it: O2F's 3 x 64), ``max_filter`` (3DMF). Query only: ``num_queries``,
+    ``num_stages``, ``num_heads``, ``dim_feedforward``, ``dynamic_dim`` (Sparse R-CNN), ``num_groups``/``in_points``/
+    ``out_points`` (AdaMixer), ``dropout``, ``proposal_init`` (``whole``/``grid``; empty = the method's default) and
+    ``drmm`` (D-RMM mixture outputs and loss). ``num_classes`` and ``class_names`` are filled from the training
+    dataset when left empty.
     """
 
+    arch: str = "dense"
     backbone: str = "resnet50"
     pretrained: bool = True
     freeze_at: int = 2
     fpn_channels: int = 256
     num_convs: int = 4
     centerness: bool = False
+    ctr_convs: int = 0
+    ctr_channels: int = 64
     max_filter: bool = False
     max_filter_gn: bool = True
+    num_queries: int = 100
+    num_stages: int = 6
+    num_heads: int = 8
+    dim_feedforward: int = 2048
+    dynamic_dim: int = 64
+    num_groups: int = 4
+    in_points: int = 32
+    out_points: int = 128
+    dropout: float = 0.0
+    proposal_init: str = ""
+    drmm: bool = False
     num_classes: int = 0
     class_names: tuple[str, ...] = ()
 
 
 @dataclass
 class LossConfig:
-    """Assignment and loss settings; see :class:`e2edet.losses.dense_criterion.DenseCriterion`.
+    """Assignment and loss settings.
 
-    ``assigner``: ``fcos`` (one-to-many), ``poto`` (Hungarian one-to-one) or ``poto_argmax``.
-    ``score``: the score the one-to-one loss and POTO quality use, ``cls`` or ``cls_filter`` (3DMF).
+    Dense detectors (:class:`e2edet.losses.dense_criterion.DenseCriterion`): ``assigner`` ``fcos`` (one-to-many),
+    ``poto`` (Hungarian one-to-one), ``poto_argmax`` or ``o2f`` (one-to-few: ``o2f_topk``, ``soft_weight``,
+    ``max_soft_weight``, ``max_t``, ``min_t``, ``o2f_neg_weight``).
+    ``score``: the score the one-to-one loss and quality use, ``cls``, ``cls_filter`` (3DMF) or ``cls_ctr`` (O2F).
     ``aux``: add DeFCN's auxiliary one-to-many focal loss on the cls logits.
     ``keep_infeasible``: keep Hungarian matches outside a GT's prior (official DeFCN) instead of dropping them
     (see :class:`e2edet.assign.poto.POTOAssigner`).
+
+    Query detectors: Hungarian set loss (:class:`e2edet.losses.set_criterion.SetCriterion`, weights ``cls_weight``
+    (focal, with ``focal_alpha``/``focal_gamma``), ``l1_weight``, ``giou_weight``) unless ``model.drmm``, which uses
+    :class:`e2edet.losses.drmm.DRMMCriterion` (``min_scale_ratio``, ``mm_weight``, ``mcm_weight``, ``prob_weight``,
+    ``coord_dist``). The dense-only keys are ignored by query detectors and vice versa.
     """
 
     assigner: str = "poto"
@@ -84,13 +113,34 @@ class LossConfig:
     aux_topk: int = 9
     aux_weight: float = 1.0
     keep_infeasible: bool = False
+    o2f_topk: int = 7
+    soft_weight: float = 0.4
+    max_soft_weight: float = 1.0
+    max_t: float = 0.6
+    min_t: float = 0.2
+    o2f_neg_weight: float = 0.75
+    cls_weight: float = 2.0
+    l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    min_scale_ratio: float = 0.04
+    mm_weight: float = 1.0
+    mcm_weight: float = 0.5
+    prob_weight: float = 1.0
+    coord_dist: str = "cauchy"
+
+
+#: LossConfig fields that are :class:`e2edet.losses.dense_criterion.DenseCriterion` arguments.
+DENSE_LOSS_KEYS = ("assigner", "score", "aux", "focal_alpha", "focal_gamma", "reg_weight", "poto_alpha",
+                   "center_radius", "aux_topk", "aux_weight", "keep_infeasible", "o2f_topk", "soft_weight",
+                   "max_soft_weight", "max_t", "min_t", "o2f_neg_weight")
 
 
 @dataclass
 class TestConfig:
     """Post-processing and evaluation settings.
 
-    ``score``: ranking score, ``cls``, ``cls_filter`` or ``cls_ctr_sqrt`` (FCOS). ``nms_iou`` is the method's
+    ``score``: ranking score, ``cls``, ``cls_filter``, ``cls_ctr_sqrt`` (FCOS), ``cls_ctr`` (O2F) or ``drmm``
+    (D-RMM: softmax class probability x sigmoid foreground). ``nms_iou`` is the method's
     own post-processing: 0 means end-to-end (no NMS); FCOS uses 0.6. Evaluation always reports AP without NMS and
     with class-aware NMS at ``eval_nms_iou`` side by side.
     """
@@ -169,9 +219,12 @@ ALIASES = {
 }
 
 CHOICES = {
-    "loss.assigner": ("fcos", "poto", "poto_argmax"),
-    "loss.score": ("cls", "cls_filter"),
-    "test.score": ("cls", "cls_filter", "cls_ctr_sqrt"),
+    "model.arch": ("dense", "sparse_rcnn", "adamixer"),
+    "model.proposal_init": ("", "whole", "grid"),
+    "loss.assigner": ("fcos", "poto", "poto_argmax", "o2f"),
+    "loss.score": ("cls", "cls_filter", "cls_ctr"),
+    "loss.coord_dist": ("cauchy", "gaussian", "student_t"),
+    "test.score": ("cls", "cls_filter", "cls_ctr_sqrt", "cls_ctr", "drmm"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("multistep", "cosine"),
 }
@@ -353,9 +406,26 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: data.train_min_sizes must list at least one size")
     if any(not 0 < s < 1 for s in t.steps):
         raise ConfigError(f"{source}: train.steps are fractions of the schedule in (0, 1), got {t.steps}")
-    if cfg.loss.score == "cls_filter" and not cfg.model.max_filter:
+    m = cfg.model
+    if m.arch != "dense":
+        if (cfg.test.score == "drmm") != m.drmm or cfg.test.score not in ("cls", "drmm"):
+            raise ConfigError(f"{source}: query detectors score with test.score=cls (sigmoid), or test.score=drmm "
+                              f"together with model.drmm=true; got test.score={cfg.test.score}, model.drmm={m.drmm}")
+        if m.fpn_channels % m.num_heads or (m.arch == "adamixer" and m.fpn_channels % m.num_groups):
+            raise ConfigError(f"{source}: model.fpn_channels={m.fpn_channels} must be divisible by model.num_heads "
+                              f"({m.num_heads}) and, for AdaMixer, model.num_groups ({m.num_groups})")
+        return
+    if m.drmm or cfg.test.score == "drmm":
+        raise ConfigError(f"{source}: D-RMM (model.drmm, test.score=drmm) needs a query detector "
+                          "(model.arch=sparse_rcnn or adamixer)")
+    if cfg.loss.score == "cls_filter" and not m.max_filter:
         raise ConfigError(f"{source}: loss.score=cls_filter needs model.max_filter=true (the 3DMF filter branch)")
-    if cfg.test.score == "cls_ctr_sqrt" and not cfg.model.centerness:
-        raise ConfigError(f"{source}: test.score=cls_ctr_sqrt needs model.centerness=true")
-    if cfg.loss.assigner == "fcos" and not cfg.model.centerness:
+    for key, score in (("test.score", cfg.test.score), ("loss.score", cfg.loss.score)):
+        if score in ("cls_ctr_sqrt", "cls_ctr") and not m.centerness:
+            raise ConfigError(f"{source}: {key}={score} needs model.centerness=true")
+    if cfg.loss.assigner == "fcos" and not m.centerness:
         raise ConfigError(f"{source}: loss.assigner=fcos needs model.centerness=true (FCOS centerness loss)")
+    if cfg.loss.assigner == "o2f" and cfg.loss.score != "cls_ctr":
+        raise ConfigError(f"{source}: loss.assigner=o2f goes with loss.score=cls_ctr (the joint cls x ctr score)")
+    if cfg.loss.assigner == "fcos" and cfg.loss.score != "cls":
+        raise ConfigError(f"{source}: loss.assigner=fcos trains on loss.score=cls (the product scores need POTO/O2F)")

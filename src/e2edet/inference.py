@@ -115,7 +115,7 @@ class Predictor:
             sizes = torch.tensor([[int(x.shape[-2]), int(x.shape[-1])] for x in inputs])
             orig = torch.tensor([[int(x.shape[-2]), int(x.shape[-1])] for x in chunk])
             batch = pad_images([x.as_subclass(torch.Tensor) for x in inputs], 32).to(self.device)
-            outputs = self.model(batch)
+            outputs = self.model(batch, sizes.to(self.device))
             nms = self.cfg.test.nms_iou if self.cfg.test.nms_iou > 0 else None
             dets = self.postprocess(outputs, sizes.to(self.device), orig.to(self.device), nms_iou=nms)
             results += [{k: v.cpu() for k, v in d.items()} for d in dets]

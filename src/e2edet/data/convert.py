@@ -1,7 +1,8 @@
 """Importers from other annotation formats to COCO detection JSON, and writing COCO JSON.
 
-The importers live in :mod:`e2edet.data.voc` (Pascal VOC XML) and :mod:`e2edet.data.yolo` (YOLO txt);
-this module gathers them with :func:`save_coco_json` so that callers have one place to import from.
+The importers live in :mod:`e2edet.data.voc` (Pascal VOC XML), :mod:`e2edet.data.yolo` (YOLO txt) and
+:mod:`e2edet.data.crowdhuman` (CrowdHuman ``.odgt``); this module gathers them with :func:`save_coco_json`
+so that callers have one place to import from.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from e2edet.data.crowdhuman import odgt_to_coco
 from e2edet.data.voc import voc_to_coco
 from e2edet.data.yolo import read_class_names, yolo_to_coco
 
-__all__ = ["voc_to_coco", "yolo_to_coco", "read_class_names", "save_coco_json"]
+__all__ = ["voc_to_coco", "yolo_to_coco", "odgt_to_coco", "read_class_names", "save_coco_json"]
 
 
 def save_coco_json(coco: dict, path: str | Path) -> Path:

@@ -23,6 +23,9 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100
 
 TABLE_ROWS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 
+DIAGNOSTIC_ROWS = {"dup%": "duplicate_rate", "ECE": "ece"}
+"""Table rows under :data:`TABLE_ROWS`: row name -> key of ``results["diagnostics"][column]``."""
+
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
     """Print function that discards faster-coco-eval's progress messages."""
@@ -150,8 +153,9 @@ def evaluate(
     nms_iou: float = 0.6,
     return_detections: bool = False,
     progress: bool = True,
+    plot_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """COCO AP of ``model`` with and without NMS, running the model once per batch.
+    """COCO AP and end-to-end diagnostics of ``model`` with and without NMS, running the model once per batch.
 
     Args:
         model: detector, called as ``model(images)``; put in eval mode here.
@@ -165,10 +169,18 @@ def evaluate(
         nms_iou: IoU threshold of the "with NMS" column.
         return_detections: also return the no-NMS detections in COCO results format under ``"detections"``.
         progress: show a progress bar on the main process.
+        plot_path: if given, the main process writes the reliability diagram of both columns there (PNG, see
+            :func:`e2edet.engine.diagnostics.plot_reliability`).
     Returns:
-        ``{"no_nms": metrics, "nms": metrics, "nms_iou": nms_iou, "num_images": n, "seconds": wall time}``
-        (metrics as in :meth:`CocoEvaluator.summarize`).
+        ``{"no_nms": metrics, "nms": metrics, "nms_iou": nms_iou, "num_images": n, "seconds": wall time,
+        "diagnostics": {"no_nms": diag, "nms": diag}}`` (metrics as in :meth:`CocoEvaluator.summarize`, ``diag``
+        as in :func:`e2edet.engine.diagnostics.diagnostics` with its defaults: IoU 0.5, duplicates among scores
+        >= 0.3, 20 calibration bins). Under DDP every rank returns the same numbers (computed from the
+        detections gathered by the collective :meth:`CocoEvaluator.summarize`).
     """
+    from e2edet.engine.diagnostics import diagnostics, plot_reliability  # imports this module
+
+
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -187,13 +199,24 @@ def evaluate(
         model.train(was_training)
     results: dict[str, Any] = {"no_nms": plain.summarize(), "nms": with_nms.summarize(), "nms_iou": nms_iou,
                                "num_images": len(plain.image_ids), "seconds": time.perf_counter() - start}
+    # summarize() synchronised both evaluators (collective), so every rank holds all detections here
+    results["diagnostics"] = {"no_nms": diagnostics(plain.coco_gt, plain.detections()),
+                              "nms": diagnostics(with_nms.coco_gt, with_nms.detections())}
+    if plot_path is not None and is_main_process():
+        plot_reliability({"no NMS": results["diagnostics"]["no_nms"],
+                          f"NMS {nms_iou:g}": results["diagnostics"]["nms"]}, plot_path,
+                         title=f"Reliability (TP at IoU >= 0.5), {results['num_images']} images")
     if return_detections:
         results["detections"] = plain.detections()
     return results
 
 
 def format_results_table(results: Mapping[str, Any]) -> str:
-    """Text table of :func:`evaluate` results: rows AP ... AR100, columns "no NMS" and "NMS <iou>"."""
+    """Text table of :func:`evaluate` results, columns "no NMS" and "NMS <iou>".
+
+    Rows AP ... AR100, then "dup%" (duplicate rate, percent) and "ECE" (percent) from ``results["diagnostics"]``;
+    a missing value shows as "-".
+    """
     nms_name = f"NMS {results.get('nms_iou', 0.6):g}"
     lines = [f"{'metric':<8}{'no NMS':>10}{nms_name:>10}"]
     for row in TABLE_ROWS:
@@ -201,6 +224,13 @@ def format_results_table(results: Mapping[str, Any]) -> str:
         for column in ("no_nms", "nms"):
             value = (results.get(column) or {}).get(row)
             cells.append("-" if value is None or value < 0 else f"{value:.1f}")
+        lines.append(f"{row:<8}{cells[0]:>10}{cells[1]:>10}")
+    diag = results.get("diagnostics") or {}
+    for row, key in DIAGNOSTIC_ROWS.items():
+        cells = []
+        for column in ("no_nms", "nms"):
+            value = (diag.get(column) or {}).get(key)
+            cells.append("-" if value is None else f"{value:.1f}")
         lines.append(f"{row:<8}{cells[0]:>10}{cells[1]:>10}")
     return "\n".join(lines)
 

@@ -101,8 +101,18 @@ def lookup(record: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def is_loss_key(key: str) -> bool:
+    """True for criterion outputs that are summed into the training loss: names whose underscore-separated tokens
+    include ``loss`` (``loss_cls``, ``stage0_loss_iou``, ``stage5_mm_loss``); others (``num_pos``,
+    ``stage0_pos_acc``) are logged statistics."""
+    return "loss" in key.split("_")
+
+
 def plot_losses(metrics_jsonl: str | Path, out_png: str | Path, metric: str = "no_nms.AP") -> Path | None:
-    """Draw every ``loss*`` key and ``total_loss`` (bold) of the train records against iteration.
+    """Draw every loss key (:func:`is_loss_key`) and ``total_loss`` (bold) of the train records against iteration.
+
+    Multi-stage query detectors log one set of losses per decoder stage; only the last stage's are drawn (with
+    ``total_loss``, which sums all stages), so the picture stays readable.
 
     The y axis is logarithmic when all plotted losses are positive and span more than a factor of 20. Eval
     records that contain ``metric`` (dotted path) are drawn as points on a second y axis. The PNG is written to a
@@ -124,7 +134,10 @@ def plot_losses(metrics_jsonl: str | Path, out_png: str | Path, metric: str = "n
     train = [r for r in records if r.get("type") == "train" and "iteration" in r]
     if not train:
         return None
-    keys = sorted({k for r in train for k in r if k.startswith("loss") or k == "total_loss"})
+    keys = sorted({k for r in train for k in r if is_loss_key(k) or k == "total_loss"})
+    stages = sorted({int(k[5:].split("_")[0]) for k in keys if k.startswith("stage") and k[5:].split("_")[0].isdigit()})
+    if stages:
+        keys = [k for k in keys if not k.startswith("stage") or k.startswith(f"stage{stages[-1]}_")]
     fig = Figure(figsize=(8, 5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from e2edet.engine.checkpoint import load_checkpoint, save_checkpoint
 from e2edet.engine.device import init_distributed
 from e2edet.engine.evaluator import save_results
-from e2edet.engine.logger import MetricsLogger, lookup, plot_losses
+from e2edet.engine.logger import MetricsLogger, is_loss_key, lookup, plot_losses
 from e2edet.engine.optim import build_optimizer, build_scheduler
 from e2edet.engine.rng import capture_rng_state, preserve_rng_state, restore_rng_state, seed_everything
 from e2edet.utils.dist import get_rank, get_world_size, is_dist, is_main_process
@@ -227,12 +227,13 @@ class Trainer:
         """
         images = images.to(self.device, non_blocking=True)
         targets = [_to_device(t, self.device) for t in targets]
+        sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(self.device)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            outputs = self.ddp_model(images)
+            outputs = self.ddp_model(images, sizes)
         if self.use_amp:
             outputs = _to_float32(outputs)
         loss_dict = self.criterion(outputs, targets, epoch=epoch, max_epoch=self.num_epochs)
-        loss_keys = [k for k in loss_dict if k.startswith("loss")]
+        loss_keys = [k for k in loss_dict if is_loss_key(k)]
         if not loss_keys:
             raise KeyError(f"the criterion returned no 'loss*' entry (keys: {sorted(loss_dict)})")
         loss = sum(loss_dict[k] for k in loss_keys)

@@ -1,8 +1,10 @@
-"""Training criterion of the FCOS-style dense detectors: FCOS, POTO (Hungarian/argmax), 3DMF product score, Aux.
+"""Training criterion of the FCOS-style dense detectors: FCOS, POTO (Hungarian/argmax), 3DMF product score, Aux,
+and O2F (one-to-few with soft targets).
 
-Source: ``specs/dense.md`` §1.4 (FCOS losses) and §2.4 (DeFCN losses); cvpods ``cvpods/modeling/meta_arch/fcos.py``
-``FCOS.losses`` and DeFCN ``playground/detection/coco/poto.res50.fpn.coco.800size.3x_ms.3dmf.aux/fcos.py``
-``FCOS.losses`` / ``FCOS.aux_losses``.
+Source: ``specs/dense.md`` §1.4 (FCOS losses), §2.4 (DeFCN losses) and §3.4 (O2F losses); cvpods
+``cvpods/modeling/meta_arch/fcos.py`` ``FCOS.losses``, DeFCN
+``playground/detection/coco/poto.res50.fpn.coco.800size.3x_ms.3dmf.aux/fcos.py`` ``FCOS.losses`` /
+``FCOS.aux_losses`` and ``strongwolf/o2f`` ``o2f_head.py`` ``O2FHead.loss``.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from torchvision.ops import generalized_box_iou_loss
 from e2edet.assign.auxiliary import AuxAssigner
 from e2edet.assign.base import DenseAssignment
 from e2edet.assign.fcos import DEFAULT_SCALE_RANGES, FCOSAssigner
+from e2edet.assign.o2f import O2FAssigner, soft_target_scale
 from e2edet.assign.poto import POTOAssigner
-from e2edet.losses.focal import prob_focal_loss, sigmoid_focal_loss
+from e2edet.losses.focal import prob_focal_loss, sigmoid_focal_loss, soft_focal_loss_with_prob
 from e2edet.models.dense.box_coder import centerness_target, encode_ltrb
 from e2edet.utils.dist import reduce_mean
 
-ASSIGNERS = ("fcos", "poto", "poto_argmax")
-SCORES = ("cls", "cls_filter")
+ASSIGNERS = ("fcos", "poto", "poto_argmax", "o2f")
+SCORES = ("cls", "cls_filter", "cls_ctr")
 
 
 class DenseCriterion(nn.Module):
@@ -36,6 +39,12 @@ class DenseCriterion(nn.Module):
       ``loss_cls`` = logit focal (``cls``) or probability-space focal on the product (``cls_filter``)
       / ``max(1, N_pos_avg)``; ``loss_box`` = ``reg_weight`` · GIoU on positives / ``max(1, N_pos_avg)``, no
       centerness weighting.
+    - ``assigner="o2f"`` (§3.4, needs ``score="cls_ctr"``): :class:`~e2edet.assign.o2f.O2FAssigner` on the joint
+      probability ``q = sigmoid(cls)·sigmoid(ctr)`` with the epoch schedule ``t(e)``; ``loss_cls`` =
+      :func:`~e2edet.losses.focal.soft_focal_loss_with_prob` (negatives ``0.75·q²·BCE(q, 0)``, foreground points
+      ``w·BCE(q, s)``) / ``max(1, N_fg_avg)`` counting certain **and** soft points; ``loss_box`` = ``reg_weight`` ·
+      GIoU on all foreground points weighted by the centerness target / ``max(1e-6, avg Σ centerness targets)``.
+      No centerness loss: the centerness branch learns only through ``q``.
     - ``aux=True`` (§2.4 Aux): ``loss_cls_aux`` = ``aux_weight`` · logit focal on the raw cls logits with the
       :class:`~e2edet.assign.auxiliary.AuxAssigner` one-to-many labels / ``max(1, N_pos_aux_avg)``; no aux regression.
 
@@ -47,19 +56,24 @@ class DenseCriterion(nn.Module):
     Args:
         num_classes: ``K``.
         assigner: ``"fcos"``, ``"poto"`` or ``"poto_argmax"``.
-        score: ``"cls"`` or ``"cls_filter"`` (needs ``outputs["pred_filter"]``; POTO only).
+        score: ``"cls"``, ``"cls_filter"`` (needs ``outputs["pred_filter"]``) or ``"cls_ctr"`` (needs
+            ``outputs["pred_ctr"]``; O2F's joint score); the product scores use the probability-space focal loss with
+            POTO.
         aux: add the auxiliary one-to-many classification loss.
         focal_alpha, focal_gamma: focal-loss parameters (0.25, 2.0).
-        reg_weight: weight of ``loss_box``; default 1.0 for FCOS, 2.0 for POTO (``REG_WEIGHT``).
+        reg_weight: weight of ``loss_box``; default 1.0 for FCOS, 2.0 for POTO (``REG_WEIGHT``) and O2F.
         poto_alpha: IoU weight of the POTO and Aux quality (0.8).
         center_radius: center-prior radius in strides for FCOS and POTO (1.5; 0 = inside the box).
         aux_topk: Aux candidates per GT per level (9).
         aux_weight: weight of ``loss_cls_aux`` (1.0).
         keep_infeasible: POTO Hungarian keeps matches outside the prior, as the official code does (default False:
             dropped; see :class:`~e2edet.assign.poto.POTOAssigner`).
+        o2f_topk, soft_weight, max_soft_weight, max_t, min_t: O2F constants (7, 0.4, 1.0, 0.6, 0.2; see
+            :class:`~e2edet.assign.o2f.O2FAssigner`); o2f_neg_weight: scale of the O2F negative term (0.75).
         scale_ranges: FCOS per-level ``(lo, hi)`` ranges in pixels.
     Raises:
-        ValueError: for an unknown ``assigner``/``score`` or ``score="cls_filter"`` with ``assigner="fcos"``.
+        ValueError: for an unknown ``assigner``/``score``, a product score with ``assigner="fcos"``, or O2F without
+            ``score="cls_ctr"``.
     """
 
     def __init__(
@@ -76,6 +90,12 @@ class DenseCriterion(nn.Module):
         aux_topk: int = 9,
         aux_weight: float = 1.0,
         keep_infeasible: bool = False,
+        o2f_topk: int = 7,
+        soft_weight: float = 0.4,
+        max_soft_weight: float = 1.0,
+        max_t: float = 0.6,
+        min_t: float = 0.2,
+        o2f_neg_weight: float = 0.75,
         scale_ranges: tuple[tuple[float, float], ...] = DEFAULT_SCALE_RANGES,
     ) -> None:
         super().__init__()
@@ -84,7 +104,9 @@ class DenseCriterion(nn.Module):
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         if assigner == "fcos" and score != "cls":
-            raise ValueError("the FCOS criterion trains a centerness branch; score='cls_filter' needs a POTO assigner")
+            raise ValueError("the FCOS criterion trains a centerness branch; product scores need a POTO/O2F assigner")
+        if assigner == "o2f" and score != "cls_ctr":
+            raise ValueError("the O2F assigner works on the joint score: use score='cls_ctr'")
         self.num_classes = int(num_classes)
         self.assigner_name = assigner
         self.score = score
@@ -92,32 +114,40 @@ class DenseCriterion(nn.Module):
         self.focal_gamma = float(focal_gamma)
         self.reg_weight = float(reg_weight if reg_weight is not None else (1.0 if assigner == "fcos" else 2.0))
         self.aux_weight = float(aux_weight)
+        self.o2f_neg_weight = float(o2f_neg_weight)
         if assigner == "fcos":
             self.assigner = FCOSAssigner(center_radius=center_radius, scale_ranges=scale_ranges)
+        elif assigner == "o2f":
+            self.assigner = O2FAssigner(poto_alpha, center_radius, o2f_topk, soft_weight, max_soft_weight, max_t, min_t)
         else:
             mode = "argmax" if assigner == "poto_argmax" else "hungarian"
             self.assigner = POTOAssigner(poto_alpha, center_radius, mode=mode, keep_infeasible=keep_infeasible)
         self.aux_assigner = AuxAssigner(alpha=poto_alpha, topk=aux_topk) if aux else None
 
-    def assign(self, outputs: dict, targets: list[dict], score_prob: Tensor | None = None) -> DenseAssignment:
-        """Run the main assigner on detached predictions; see :meth:`forward` for ``outputs``/``targets``.
+    def assign(self, outputs: dict, targets: list[dict], score_prob: Tensor | None = None, epoch: int = 0,
+               max_epoch: int = 1) -> DenseAssignment:
+        """Run the main assigner on detached predictions; see :meth:`forward` for the arguments.
 
-        ``score_prob`` (``[B, R, K]``, the POTO score: ``sigmoid(cls)`` or ``sigmoid(cls)·sigmoid(filter)``) is
-        computed from ``outputs`` when not given; it is detached here.
+        ``score_prob`` (``[B, R, K]``, the one-to-one score: ``sigmoid(cls)``, times ``sigmoid(filter)`` or
+        ``sigmoid(ctr)``) is computed from ``outputs`` when not given; it is detached here.
         """
         if self.assigner_name == "fcos":
             return self.assigner(outputs["points"], outputs["strides"], outputs["levels"], targets, self.num_classes)
         if score_prob is None:
             score_prob = self._score_prob(outputs["pred_logits"].float().sigmoid(), outputs)
-        return self.assigner(
-            score_prob.detach(), outputs["pred_boxes"].detach(), outputs["points"], outputs["strides"], targets,
-            self.num_classes,
-        )
+        args = (score_prob.detach(), outputs["pred_boxes"].detach(), outputs["points"], outputs["strides"], targets,
+                self.num_classes)
+        if self.assigner_name == "o2f":
+            return self.assigner(*args, epoch=epoch, max_epoch=max_epoch)
+        return self.assigner(*args)
 
     def _score_prob(self, cls_prob: Tensor, outputs: dict) -> Tensor:
-        """The one-to-one score ``[B, R, K]``: ``cls_prob``, times ``sigmoid(pred_filter)`` for ``cls_filter``."""
+        """The one-to-one score ``[B, R, K]``: ``cls_prob``, times ``sigmoid(pred_filter)`` (``cls_filter``) or
+        ``sigmoid(pred_ctr)`` (``cls_ctr``)."""
         if self.score == "cls_filter":
             return cls_prob * outputs["pred_filter"].float().sigmoid().unsqueeze(-1)
+        if self.score == "cls_ctr":
+            return cls_prob * outputs["pred_ctr"].float().sigmoid().unsqueeze(-1)
         return cls_prob
 
     def _focal(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -132,29 +162,31 @@ class DenseCriterion(nn.Module):
                 ``num_points_per_level`` (list[int], for ``aux``), ``pred_ctr [B, R]`` (FCOS) and
                 ``pred_filter [B, R]`` (``score="cls_filter"``).
             targets: B dicts with ``boxes float32 [G, 4]`` xyxy pixels and ``labels int64 [G]`` (``G = 0`` allowed).
-            epoch, max_epoch: 0-based epoch and number of epochs, for schedule-driven assigners (O2F); unused by
-                FCOS/POTO/Aux.
+            epoch, max_epoch: 0-based epoch and number of epochs of the run (the trainer passes them every step,
+                also for iteration-based schedules), for O2F's ``t(e)``; unused by FCOS/POTO/Aux.
         Returns:
             ``loss_cls``, ``loss_box`` (+ ``loss_ctr`` for FCOS, ``loss_cls_aux`` with ``aux``): weighted float32
-            scalars to sum; ``num_pos``, ``num_gt``, ``num_fg_per_gt`` (+ ``num_pos_aux``): detached float32
-            statistics of this process's batch.
+            scalars to sum; ``num_pos``, ``num_gt``, ``num_fg_per_gt`` (+ ``num_pos_aux``; + ``num_soft`` and
+            ``soft_t`` for O2F): detached float32 statistics of this process's batch.
         Raises:
             KeyError: if a required output key is missing; ValueError: if ``pred_logits`` has not ``K`` classes.
         """
-        del epoch, max_epoch
         logits = outputs["pred_logits"]
         pred_boxes = outputs["pred_boxes"]
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"pred_logits has {logits.shape[-1]} classes, criterion expects {self.num_classes}")
         cls_prob = logits.float().sigmoid()  # shared by the loss, POTO and the aux assigner
         score_prob = self._score_prob(cls_prob, outputs)
-        assignment = self.assign(outputs, targets, score_prob)
+        assignment = self.assign(outputs, targets, score_prob, epoch, max_epoch)
         pos = assignment.pos_mask
         num_pos = pos.sum()
         normaliser = reduce_mean(num_pos).clamp(min=1.0)
         cls_target = assignment.one_hot(self.num_classes)
 
-        if self.score == "cls_filter":
+        if self.assigner_name == "o2f":
+            loss_cls = soft_focal_loss_with_prob(score_prob, assignment.labels, assignment.soft_targets,
+                                                 assignment.weights, neg_weight=self.o2f_neg_weight)
+        elif self.score != "cls":
             loss_cls = prob_focal_loss(score_prob, cls_target, self.focal_alpha, self.focal_gamma, reduction="sum")
         else:
             loss_cls = self._focal(logits, cls_target)
@@ -162,14 +194,17 @@ class DenseCriterion(nn.Module):
 
         box_target = assignment.box_targets[pos]
         giou = generalized_box_iou_loss(pred_boxes[pos].float(), box_target, reduction="none")
-        if self.assigner_name == "fcos":
+        if self.assigner_name in ("fcos", "o2f"):
             points = outputs["points"].float().unsqueeze(0).expand(pos.shape[0], -1, -1)[pos]
             ctr_target = centerness_target(encode_ltrb(points, box_target))
-            ctr_normaliser = reduce_mean(ctr_target.sum()).clamp(min=1.0)
+            # cvpods FCOS clamps the normaliser at 1, mmdet-based O2F at 1e-6 (o2f_head.py ``centerness_denorm``)
+            floor = 1.0 if self.assigner_name == "fcos" else 1e-6
+            ctr_normaliser = reduce_mean(ctr_target.sum()).clamp(min=floor)
             losses["loss_box"] = self.reg_weight * (giou * ctr_target).sum() / ctr_normaliser
+        if self.assigner_name == "fcos":
             pred_ctr = outputs["pred_ctr"][pos].float()
             losses["loss_ctr"] = F.binary_cross_entropy_with_logits(pred_ctr, ctr_target, reduction="sum") / normaliser
-        else:
+        elif self.assigner_name != "o2f":
             losses["loss_box"] = self.reg_weight * giou.sum() / normaliser
 
         num_gt = sum(int(t["boxes"].shape[0]) for t in targets)
@@ -178,6 +213,10 @@ class DenseCriterion(nn.Module):
             "num_gt": torch.tensor(float(num_gt), device=logits.device),
             "num_fg_per_gt": num_pos.detach().float() / max(num_gt, 1),
         }
+        if self.assigner_name == "o2f":
+            stats["num_soft"] = (pos & (assignment.weights != self.assigner.max_soft_weight)).sum().float()
+            stats["soft_t"] = torch.tensor(soft_target_scale(epoch, max_epoch, self.assigner.max_t,
+                                                             self.assigner.min_t), device=logits.device)
         if self.aux_assigner is not None:
             aux = self.aux_assigner(
                 cls_prob.detach(),

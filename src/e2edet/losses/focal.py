@@ -79,3 +79,33 @@ def prob_focal_loss(
         if reduction == "mean":
             return loss.mean()
         return loss
+
+
+def soft_focal_loss_with_prob(
+    prob: Tensor, labels: Tensor, soft_targets: Tensor, weights: Tensor, beta: float = 2.0, neg_weight: float = 0.75
+) -> Tensor:
+    """O2F classification loss on the joint probability ``q = sigmoid(cls)·sigmoid(ctr)``, summed (not normalised).
+
+    Every (point, class) entry starts as the negative term ``neg_weight · q^beta · BCE(q, 0)``; for each foreground
+    point the entry at its label is **replaced** by ``w · BCE(q, s)`` with its soft target ``s`` and weight ``w`` (no
+    ``|s - q|^beta`` modulation and no alpha: not GFL's QFL). In float32 with autocast disabled; each BCE log term is
+    clamped at -100 as in ``F.binary_cross_entropy``.
+
+    Args:
+        prob: ``[..., K]`` probabilities in ``[0, 1]``.
+        labels: ``int64 [...]`` class of each point, ``K`` for background.
+        soft_targets, weights: ``float [...]`` (used at foreground points only).
+        beta: negative focal exponent (2.0); neg_weight: negative scale (0.75, hard-coded in the official code).
+    Returns:
+        float32 scalar, the sum over all entries.
+    Source: ``specs/dense.md`` §3.4; ``strongwolf/o2f`` ``sfl.py`` ``quality_focal_loss_with_prob``.
+    """
+    with torch.autocast(device_type=prob.device.type, enabled=False):
+        prob = prob.float()
+        num_classes = prob.shape[-1]
+        neg = F.binary_cross_entropy(prob, torch.zeros_like(prob), reduction="none") * prob.pow(beta) * neg_weight
+        pos = labels < num_classes
+        q_pos = prob[pos].gather(-1, labels[pos].unsqueeze(-1)).squeeze(-1)
+        pos_loss = F.binary_cross_entropy(q_pos, soft_targets[pos].float(), reduction="none") * weights[pos].float()
+        neg_at_label = neg[pos].gather(-1, labels[pos].unsqueeze(-1)).squeeze(-1)
+        return neg.sum() - neg_at_label.sum() + pos_loss.sum()

@@ -1,9 +1,10 @@
-"""ImageNet backbones (ResNet-18/34/50/101, MobileNetV2) that return C3, C4, C5 (optionally C2) feature maps.
+"""ImageNet backbones (ResNet-18/34/50/101, MobileNetV2, Swin-T) that return C3, C4, C5 (optionally C2) feature maps.
 
 Built on ``torchvision.models`` with its weights API. Freezing follows cvpods ``FREEZE_AT`` (spec ``dense.md`` 1.2):
 ``freeze_at = k`` freezes the first ``k`` stages, where stage 1 is the stem and stage 2 is the first stride-4 stage
 (``layer1`` = res2 for ResNet). Every normalisation layer inside a frozen stage becomes a ``FrozenBatchNorm2d`` so its
-statistics cannot drift (cvpods ``ResNet.freeze``).
+statistics cannot drift (cvpods ``ResNet.freeze``). Swin-T follows mmdet's ``SwinTransformer`` instead (see
+``SwinBody``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import torch
 from torch import nn
 from torchvision import models
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import StochasticDepth
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["Backbone", "build_backbone", "BACKBONES", "freeze_module"]
+__all__ = ["Backbone", "SwinBody", "build_backbone", "BACKBONES", "freeze_module"]
 
 # Child-module names of each freezing stage (stem first) and of the C3/C4/C5 taps.
 _RESNET_STAGES = [["conv1", "bn1", "relu", "maxpool"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
@@ -28,6 +30,8 @@ _RESNET_TAPS = ["layer1", "layer2", "layer3", "layer4"]  # C2..C5
 # features[18] -> 1280 ch at stride 32.
 _MBV2_STAGES = [[str(i) for i in range(a, b)] for a, b in [(0, 2), (2, 4), (4, 7), (7, 14), (14, 19)]]
 _MBV2_TAPS = ["3", "6", "13", "18"]  # C2..C5
+# torchvision Swin ``features``: [patch embed, stage1, merge, stage2, merge, stage3, merge, stage4] (NHWC outputs).
+_SWIN_TAPS = [1, 3, 5, 7]  # C2..C5 (strides 4, 8, 16, 32)
 
 # name -> (torchvision constructor, ImageNet weights enum member, C2/C3/C4/C5 channels)
 BACKBONES: dict[str, tuple[Callable[..., nn.Module], object, list[int]]] = {
@@ -36,6 +40,7 @@ BACKBONES: dict[str, tuple[Callable[..., nn.Module], object, list[int]]] = {
     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1, [256, 512, 1024, 2048]),
     "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V1, [256, 512, 1024, 2048]),
     "mobilenet_v2": (models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1, [24, 32, 96, 1280]),
+    "swin_t": (models.swin_t, models.Swin_T_Weights.IMAGENET1K_V1, [96, 192, 384, 768]),
 }
 
 _NORMS: dict[str, type[nn.Module]] = {
@@ -90,8 +95,8 @@ def _load_imagenet_state_dict(name: str, weights) -> dict | None:
         file_name = weights.url.rsplit("/", 1)[-1]
         warnings.warn(
             f"Could not load ImageNet weights for backbone '{name}' ({type(err).__name__}: {err}). "
-            f"The backbone trains FROM SCRATCH (random init; trainable BatchNorm unless a norm is given), which needs "
-            f"far longer schedules. "
+            f"The backbone trains FROM SCRATCH (random init; CNNs get trainable BatchNorm unless a norm is given), "
+            f"which needs far longer schedules. "
             f"To use pretrained weights, download {weights.url} and place '{file_name}' in "
             f"'{torch.hub.get_dir()}/checkpoints/' (for mobilenet_v2, e2edet.data.samples.ensure_mobilenet_weights() "
             f"does this offline). Frozen stages (freeze_at) keep their random init; pass freeze_at=0 to train them.",
@@ -108,7 +113,7 @@ class Backbone(nn.Module):
         name: backbone name (a key of ``BACKBONES``).
         out_channels: channel counts of the returned maps, in order.
         strides: output strides in pixels of the input (``[8, 16, 32]`` or ``[4, 8, 16, 32]``).
-        body: ``IntermediateLayerGetter`` over the torchvision model (classifier layers dropped).
+        body: ``IntermediateLayerGetter`` over the torchvision model (classifier layers dropped), or ``SwinBody``.
     """
 
     def __init__(self, name: str, body: nn.Module, out_channels: list[int], strides: list[int] | None = None):
@@ -123,29 +128,101 @@ class Backbone(nn.Module):
         return self.body(images)
 
 
+class SwinBody(nn.Module):
+    """Swin Transformer trunk returning NCHW maps ``c2``..``c5`` (or ``c3``..``c5``), each after its own LayerNorm.
+
+    Mirrors mmdet's detection ``SwinTransformer`` (``mmdet/models/backbones/swin.py`` in MCG-NJU/AdaMixer and
+    strongwolf/o2f): a freshly initialised ``LayerNorm`` per output index (``norm{i}``; the classifier's final norm
+    is not reused), and ``frozen_stages`` freezes the patch embedding, then whole stages *including the patch merging
+    that follows them*, plus the output norms of the frozen stages, all kept in eval mode (no drop path) during
+    training. ``freeze_at = frozen_stages + 1``.
+
+    Args:
+        features: torchvision ``SwinTransformer.features`` (8 modules, NHWC in/out except the NCHW input).
+        channels: C2..C5 channel counts (``[96, 192, 384, 768]`` for Swin-T).
+        with_c2: also return ``c2`` (and build its norm).
+        freeze_at: 0..5; ``k`` freezes ``features[:min(2k - 1, 8)]`` (k >= 1) and the norms of ``c2``..``c{k}``.
+
+    Forward: ``[B, 3, H, W]`` float -> ``OrderedDict(c2=[B, 96, H/4, W/4], c3=[B, 192, H/8, W/8], c4=[B, 384, H/16,
+    W/16], c5=[B, 768, H/32, W/32])`` for H, W multiples of 32 (pad to 32 as the detection pipelines do); window
+    attention pads the maps to the 7x7 window internally, so small or non-multiple-of-7 maps are fine.
+    """
+
+    def __init__(self, features: nn.Sequential, channels: list[int], with_c2: bool, freeze_at: int):
+        super().__init__()
+        self.features = features
+        first = 0 if with_c2 else 1
+        self.taps = {_SWIN_TAPS[i]: f"c{i + 2}" for i in range(first, 4)}
+        self.norms = nn.ModuleDict({f"c{i + 2}": nn.LayerNorm(channels[i]) for i in range(first, 4)})
+        self.frozen = list(features[: min(2 * freeze_at - 1, 8)]) if freeze_at > 0 else []
+        self.frozen += [self.norms[n] for n in (f"c{i}" for i in range(2, freeze_at + 1)) if n in self.norms]
+        for module in self.frozen:
+            module.requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True) -> SwinBody:
+        """Set train/eval mode; frozen modules always stay in eval mode (mmdet ``SwinTransformer.train``)."""
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """``[B, 3, H, W]`` -> ``OrderedDict`` of normalised NCHW maps (see the class docstring)."""
+        out = OrderedDict()
+        x = images
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.taps:
+                name = self.taps[i]
+                out[name] = self.norms[name](x).permute(0, 3, 1, 2).contiguous()
+        return out
+
+
+def _set_drop_path(model: nn.Module, rate: float) -> None:
+    """Stochastic-depth probability ``rate * k / (N - 1)`` for the k-th of N blocks (linear rule of torchvision
+    ``SwinTransformer`` and mmdet ``SwinTransformer``: ``torch.linspace(0, drop_path_rate, N)``)."""
+    layers = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+    for layer, p in zip(layers, torch.linspace(0, rate, len(layers)).tolist()):
+        layer.p = p
+
+
 def build_backbone(
-    name: str, pretrained: bool = True, norm: str | None = None, freeze_at: int = 2, with_c2: bool = False
+    name: str,
+    pretrained: bool = True,
+    norm: str | None = None,
+    freeze_at: int = 2,
+    with_c2: bool = False,
+    drop_path_rate: float = 0.2,
 ) -> Backbone:
     """Build a C3-C5 (or C2-C5) backbone, optionally with torchvision ImageNet weights.
 
     Args:
-        name: one of ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``mobilenet_v2``.
+        name: one of ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``mobilenet_v2``, ``swin_t``.
         pretrained: load ``*_Weights.IMAGENET1K_V1`` through torchvision's weights API (hub cache, else download).
             If the weights cannot be obtained, a ``UserWarning`` is emitted and the backbone is randomly initialised.
         norm: ``"FrozenBN"``, ``"BN"`` or ``"SyncBN"`` (case-insensitive). ``None`` means ``FrozenBN`` when
-            ImageNet weights are loaded (cvpods default) and trainable ``BN`` otherwise.
+            ImageNet weights are loaded (cvpods default) and trainable ``BN`` otherwise. Swin-T uses LayerNorm and
+            only accepts ``None``.
         freeze_at: number of leading stages to freeze, 0..5 (cvpods ``FREEZE_AT``; default 2). ResNet: 1 = stem
             (conv1, bn1), 2 = + layer1 (res2), 3..5 = + layer2..layer4. MobileNetV2 ``features`` grouped by output
             stride: 1 = [0:2] (stride 2), 2 = + [2:4] (stride 4), 3 = + [4:7], 4 = + [7:14], 5 = + [14:19].
-        with_c2: also return the stride-4 map ``c2`` (ResNet ``layer1``, MobileNetV2 ``features[3]``).
+            Swin-T (mmdet ``frozen_stages = freeze_at - 1``): 1 = patch embedding, 2 = + stage 1 and the patch
+            merging after it, 3..5 = + stages 2..4 likewise, with the output norms of frozen stages (see
+            ``SwinBody``). The o2f Swin-T configs use ``frozen_stages=1`` (= 2 here); AdaMixer's Swin configs keep
+            mmdet's default ``-1`` (= 0 here).
+        with_c2: also return the stride-4 map ``c2`` (ResNet ``layer1``, MobileNetV2 ``features[3]``, Swin stage 1).
+        drop_path_rate: Swin only (ignored by CNNs): stochastic-depth rate of the last block, rising linearly from 0
+            (0.2 in the Swin-T detection configs: spec ``dense.md`` 3.6, AdaMixer ``adamixer_swin_s_*.py``).
 
     Returns:
         ``Backbone`` whose forward maps ``[B, 3, H, W]`` to C3/C4/C5 at strides 8/16/32 (C2..C5 at 4..32 with
         ``with_c2``). C2/C3/C4/C5 channels: ResNet-18/34 ``[64, 128, 256, 512]``, ResNet-50/101
-        ``[256, 512, 1024, 2048]``, MobileNetV2 ``[24, 32, 96, 1280]``.
+        ``[256, 512, 1024, 2048]``, MobileNetV2 ``[24, 32, 96, 1280]``, Swin-T ``[96, 192, 384, 768]``.
 
     Raises:
-        ValueError: unknown ``name`` or ``norm``, or ``freeze_at`` outside 0..5.
+        ValueError: unknown ``name`` or ``norm``, a ``norm`` for Swin, ``freeze_at`` outside 0..5 or
+            ``drop_path_rate`` outside [0, 1).
     """
     key = name.lower()
     if key not in BACKBONES:
@@ -155,6 +232,20 @@ def build_backbone(
     if norm is not None and norm.lower().replace("_", "") not in _NORMS:
         raise ValueError(f"unknown norm '{norm}'; valid: FrozenBN, BN, SyncBN or None")
     constructor, weights, channels = BACKBONES[key]
+    first = 0 if with_c2 else 1
+
+    if key == "swin_t":
+        if norm is not None:
+            raise ValueError(f"norm='{norm}' is not supported for swin_t (it uses LayerNorm); pass norm=None")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        model = constructor(weights=None)
+        state_dict = _load_imagenet_state_dict(key, weights) if pretrained else None
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        _set_drop_path(model, drop_path_rate)
+        body = SwinBody(model.features, channels, with_c2, freeze_at)
+        return Backbone(key, body, channels[first:], [4, 8, 16, 32][first:])
 
     state_dict = _load_imagenet_state_dict(key, weights) if pretrained else None
     if norm is None:
@@ -172,6 +263,5 @@ def build_backbone(
     for stage in stages[:freeze_at]:
         for child in stage:
             setattr(trunk, child, freeze_module(getattr(trunk, child)))
-    first = 0 if with_c2 else 1
     body = IntermediateLayerGetter(trunk, return_layers={t: f"c{i + 2}" for i, t in enumerate(taps) if i >= first})
     return Backbone(key, body, channels[first:], [4, 8, 16, 32][first:])

@@ -34,6 +34,7 @@ class DenseDetector(nn.Module):
         fpn_channels: FPN and head width (256 in FCOS).
         num_convs: head tower depth (4 in FCOS).
         centerness: FCOS centerness branch (on the regression tower).
+        ctr_convs, ctr_channels: O2F's extra convs before the centerness conv (3 x 64; 0 = plain FCOS branch).
         max_filter: DeFCN 3DMF + filter branch.
         max_filter_gn: GroupNorm inside 3DMF.
         freeze_at: backbone stages to freeze (cvpods ``FREEZE_AT``).
@@ -56,6 +57,8 @@ class DenseDetector(nn.Module):
         max_filter_gn: bool = True,
         freeze_at: int = 2,
         norm: str | None = None,
+        ctr_convs: int = 0,
+        ctr_channels: int = 64,
     ):
         super().__init__()
         self.hparams = dict(
@@ -69,6 +72,8 @@ class DenseDetector(nn.Module):
             max_filter_gn=max_filter_gn,
             freeze_at=freeze_at,
             norm=norm,
+            ctr_convs=ctr_convs,
+            ctr_channels=ctr_channels,
         )
         self.num_classes = num_classes
         self.backbone = build_backbone(backbone_name, pretrained=pretrained, norm=norm, freeze_at=freeze_at)
@@ -83,6 +88,8 @@ class DenseDetector(nn.Module):
             max_filter=max_filter,
             max_filter_gn=max_filter_gn,
             strides=tuple(self.strides),
+            ctr_convs=ctr_convs,
+            ctr_channels=ctr_channels,
         )
         self._point_cache: dict[tuple, tuple] = {}
 
@@ -100,11 +107,12 @@ class DenseDetector(nn.Module):
             self._point_cache[key] = anchor_points(sizes, self.strides, device=device, dtype=dtype)
         return self._point_cache[key]
 
-    def forward(self, images: torch.Tensor) -> dict:
+    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None) -> dict:
         """Run the detector.
 
         Args:
             images: ``[B, 3, H, W]`` normalised RGB, ``H`` and ``W`` multiples of 32 (padded input).
+            image_sizes: unused (accepted so every detector has the same call, see ``docs/architecture.md``).
 
         Returns:
             dict (``docs/architecture.md`` "Model output"), ``R`` = anchor points over P3..P7:

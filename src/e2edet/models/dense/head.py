@@ -1,7 +1,8 @@
 """FCOS-style dense head shared by FCOS, POTO and DeFCN (3DMF), applied to every FPN level.
 
-Spec ``dense.md`` 1.2 (cvpods ``fcos.py`` ``FCOSHead`` with ``NORM_REG_TARGETS=True``, ``CENTERNESS_ON_REG=True``) and
-2.2 (DeFCN ``fcos.py`` ``FCOSHead`` with ``max3d`` and ``filter``).
+Spec ``dense.md`` 1.2 (cvpods ``fcos.py`` ``FCOSHead`` with ``NORM_REG_TARGETS=True``, ``CENTERNESS_ON_REG=True``),
+2.2 (DeFCN ``fcos.py`` ``FCOSHead`` with ``max3d`` and ``filter``) and 3.2 (O2F ``o2f_head.py`` ``O2FHead._init_layers``:
+three 64-channel convs before the centerness/objectness map).
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from e2edet.models.dense.max_filter import MaxFiltering3D
 __all__ = ["DenseHead"]
 
 
-def _tower(channels: int, num_convs: int) -> nn.Sequential:
-    """``num_convs`` x [3x3 conv (bias) -> GroupNorm(32) -> ReLU], ``channels -> channels``."""
+def _tower(channels: int, num_convs: int, out_channels: int | None = None) -> nn.Sequential:
+    """``num_convs`` x [3x3 conv (bias) -> GroupNorm(32) -> ReLU], ``channels -> out_channels -> ... -> out_channels``
+    (``out_channels`` defaults to ``channels``)."""
+    out_channels = channels if out_channels is None else out_channels
     layers: list[nn.Module] = []
-    for _ in range(num_convs):
-        layers += [nn.Conv2d(channels, channels, 3, padding=1), group_norm(channels), nn.ReLU(inplace=True)]
+    for i in range(num_convs):
+        c_in = channels if i == 0 else out_channels
+        layers += [nn.Conv2d(c_in, out_channels, 3, padding=1), group_norm(out_channels), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
@@ -32,7 +36,9 @@ class DenseHead(nn.Module):
     Structure (weights shared across levels): a cls tower and a reg tower, each ``num_convs`` x [3x3 conv,
     GroupNorm(32 groups; fewer for narrow models, see ``layers.group_norm``), ReLU]; ``cls_score`` 3x3 conv -> K on
     the cls tower; ``bbox_pred`` 3x3 conv -> 4 on the reg tower, box = ReLU(Scale_l · conv) · stride_l in pixels;
-    optional ``centerness`` 3x3 conv -> 1 on the **reg** tower (FCOS imprv); optional 3DMF (``MaxFiltering3D`` on the
+    optional ``centerness`` 3x3 conv -> 1 on the **reg** tower (FCOS imprv), optionally preceded by ``ctr_convs`` x
+    [3x3 conv, GN, ReLU] of ``ctr_channels`` (O2F: 3 x 64, the "lightweight convs before the centerness map"); optional
+    3DMF (``MaxFiltering3D`` on the
     reg tower outputs of all levels) followed by the ``filter`` 3x3 conv -> 1 (DeFCN).
 
     Init: every conv N(0, 0.01) with bias 0 (3DMF conv included), GN weight 1 bias 0, ``cls_score`` bias
@@ -45,6 +51,8 @@ class DenseHead(nn.Module):
         num_convs: tower depth (4 in FCOS).
         prior_prob: initial foreground probability of the cls branch.
         centerness: add the FCOS centerness branch.
+        ctr_convs, ctr_channels: extra convs (and their width) between the reg tower and the centerness conv (O2F: 3,
+            64; 0 = FCOS).
         max_filter: add 3DMF + filter branch (DeFCN).
         max_filter_gn: GroupNorm inside 3DMF (``False`` = ``3dmf_wo_gn``).
         strides: stride of each level in pixels.
@@ -67,6 +75,8 @@ class DenseHead(nn.Module):
         strides: tuple[int, ...] = (8, 16, 32, 64, 128),
         filter_kernel_size: int = 3,
         filter_tau: int = 2,
+        ctr_convs: int = 0,
+        ctr_channels: int = 64,
     ):
         super().__init__()
         if len(strides) != num_levels:
@@ -78,7 +88,9 @@ class DenseHead(nn.Module):
         self.cls_score = nn.Conv2d(in_channels, num_classes, 3, padding=1)
         self.bbox_pred = nn.Conv2d(in_channels, 4, 3, padding=1)
         self.scales = nn.ModuleList([Scale(1.0) for _ in range(num_levels)])
-        self.centerness = nn.Conv2d(in_channels, 1, 3, padding=1) if centerness else None
+        self.ctr_tower = _tower(in_channels, ctr_convs, ctr_channels) if centerness and ctr_convs > 0 else None
+        ctr_in = ctr_channels if self.ctr_tower is not None else in_channels
+        self.centerness = nn.Conv2d(ctr_in, 1, 3, padding=1) if centerness else None
         if max_filter:
             self.max3d = MaxFiltering3D(in_channels, filter_kernel_size, filter_tau, use_gn=max_filter_gn)
             self.filter = nn.Conv2d(in_channels, 1, 3, padding=1)
@@ -115,7 +127,8 @@ class DenseHead(nn.Module):
             box = F.relu(self.scales[level](self.bbox_pred(reg_x).float())) * self.strides[level]
             out["bbox_ltrb"].append(box)
             if self.centerness is not None:
-                out["centerness"].append(self.centerness(reg_x))
+                ctr_x = self.ctr_tower(reg_x) if self.ctr_tower is not None else reg_x
+                out["centerness"].append(self.centerness(ctr_x))
             reg_features.append(reg_x)
         if self.max3d is not None:
             out["filter"] = [self.filter(y) for y in self.max3d(reg_features)]

@@ -1,0 +1,182 @@
+"""Hungarian set matcher of the query-based detectors (Sparse R-CNN, AdaMixer; later the DETR family).
+
+Cost = ``cost_class`` · FocalCost + ``cost_l1`` · L1 (normalised boxes in a declared box space)
++ ``cost_giou`` · (−GIoU on pixel xyxy), one optimal one-to-one assignment per image. Source: ``specs/query.md``
+§1.3, §2.3 and "Design notes for one codebase" (one Hungarian matcher API, explicit box space); MMDetection 2.x
+``mmdet/core/bbox/assigners/hungarian_assigner.py`` ``HungarianAssigner.assign`` and
+``mmdet/core/bbox/match_costs/match_cost.py`` ``FocalLossCost`` / ``BBoxL1Cost`` / ``IoUCost``.
+
+The assignment itself is :func:`e2edet.assign.hungarian.linear_assignment`, the project's one solver (one host copy
+per batch, NaN-safe); the dense POTO assigner (:class:`e2edet.assign.poto.POTOAssigner`) keeps using the same
+function with ``maximize=True`` on its quality matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_convert, generalized_box_iou
+
+from e2edet.assign.hungarian import linear_assignment
+
+__all__ = ["BOX_SPACES", "HungarianMatcher", "focal_cost", "image_whwh"]
+
+#: Box spaces of the L1 cost: normalised xyxy (Sparse R-CNN / AdaMixer) or normalised cxcywh (DETR family).
+BOX_SPACES = ("xyxy_norm", "cxcywh_norm")
+
+_EPS = 1e-12  # mmdet FocalLossCost eps
+
+
+def focal_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Focal classification cost of every prediction against every GT (mmdet ``FocalLossCost``, unweighted).
+
+    ``p = sigmoid(logit)``, ``pos = −α(1−p)^γ·log(p + 1e-12)``, ``neg = −(1−α)p^γ·log(1−p + 1e-12)``,
+    ``cost[..., j] = (pos − neg)[..., labels[j]]``: the focal loss of the prediction with target 1 minus with
+    target 0 at the GT's class column (``specs/query.md`` §1.3, §1.8 #4).
+
+    Args:
+        logits: ``[..., K]`` sigmoid class logits, any float dtype (computed in float32).
+        labels: ``int64 [T]`` GT classes in ``[0, K)``.
+        alpha, gamma: focal parameters.
+    Returns:
+        float32 ``[..., T]``.
+    """
+    prob = logits.float().sigmoid()
+    pos = -alpha * (1 - prob).pow(gamma) * (prob + _EPS).log()
+    neg = -(1 - alpha) * prob.pow(gamma) * (1 - prob + _EPS).log()
+    return (pos - neg)[..., labels]
+
+
+def image_whwh(targets: list[dict], device: torch.device) -> Tensor:
+    """``float32 [B, 4]`` ``(w, h, w, h)`` of each image's **unpadded** network-input size ``targets[b]["size"]``
+    (``(h, w)``, the collate contract), on ``device``.
+
+    Raises:
+        ValueError: a target has no ``"size"`` or it is not two numbers.
+    """
+    sizes = []
+    for b, t in enumerate(targets):
+        if "size" not in t:
+            raise ValueError(f"targets[{b}] has no 'size' (h, w) entry, needed to normalise boxes")
+        size = torch.as_tensor(t["size"]).detach().reshape(-1)
+        if size.numel() != 2:
+            raise ValueError(f"targets[{b}]['size'] must hold (h, w), got shape {tuple(size.shape)}")
+        sizes.append(size.to(device=device, dtype=torch.float32))
+    if not sizes:
+        return torch.zeros(0, 4, device=device)
+    return torch.stack(sizes).flip(-1).repeat(1, 2)
+
+
+def _check_inputs(pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict]) -> None:
+    if pred_logits.dim() != 3:
+        raise ValueError(f"pred_logits must be [B, N, K], got shape {tuple(pred_logits.shape)}")
+    if pred_boxes.shape != (*pred_logits.shape[:2], 4):
+        raise ValueError(
+            f"pred_boxes must be [B, N, 4] = {(*pred_logits.shape[:2], 4)}, got shape {tuple(pred_boxes.shape)}"
+        )
+    if len(targets) != pred_logits.shape[0]:
+        raise ValueError(f"got {len(targets)} targets for a batch of {pred_logits.shape[0]} images")
+    for b, t in enumerate(targets):
+        if t["boxes"].dim() != 2 or t["boxes"].shape[-1] != 4 or t["labels"].shape != t["boxes"].shape[:1]:
+            raise ValueError(
+                f"targets[{b}]: 'boxes' must be [G, 4] and 'labels' [G], got {tuple(t['boxes'].shape)} and "
+                f"{tuple(t['labels'].shape)}"
+            )
+
+
+class HungarianMatcher:
+    """Optimal one-to-one matching between the ``N`` queries and the ``G`` GTs of each image. No parameters.
+
+    ``C = cost_class · FocalCost + cost_l1 · L1 + cost_giou · (−GIoU)`` with (``specs/query.md`` §1.3):
+
+    - FocalCost: :func:`focal_cost` at the GT class column (α, γ = ``focal_alpha``, ``focal_gamma``);
+    - L1: p1 distance between the predicted and GT boxes, both divided by ``(w, h, w, h)`` of the image's unpadded
+      size ``targets[b]["size"]``, in ``box_space``: ``"xyxy_norm"`` (Sparse R-CNN / AdaMixer, mmdet ``BBoxL1Cost``
+      with ``box_format='xyxy'``) or ``"cxcywh_norm"`` (DETR family);
+    - GIoU: ``torchvision.ops.generalized_box_iou`` on pixel xyxy (mmdet ``IoUCost`` with ``iou_mode='giou'``).
+
+    All images' costs are built at once in float32 under ``no_grad`` (GTs of the batch concatenated, one
+    ``[B, N, ΣG]`` tensor, no loop over queries), then each image's ``[G_b, N]`` block (rows = GTs) goes to
+    :func:`~e2edet.assign.hungarian.linear_assignment`, which copies the batch to the host once and replaces
+    NaN/±inf costs (e.g. from NaN logits or degenerate boxes) by the worst finite cost of that image.
+
+    Args:
+        cost_class, cost_l1, cost_giou: cost weights (2.0, 5.0, 2.0 in Sparse R-CNN and AdaMixer).
+        focal_alpha, focal_gamma: focal-cost parameters (0.25, 2.0).
+        box_space: one of :data:`BOX_SPACES`.
+    Raises:
+        ValueError: unknown ``box_space``.
+    """
+
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_l1: float = 5.0,
+        cost_giou: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        box_space: str = "xyxy_norm",
+    ) -> None:
+        if box_space not in BOX_SPACES:
+            raise ValueError(f"box_space must be one of {BOX_SPACES}, got {box_space!r}")
+        self.cost_class = float(cost_class)
+        self.cost_l1 = float(cost_l1)
+        self.cost_giou = float(cost_giou)
+        self.focal_alpha = float(focal_alpha)
+        self.focal_gamma = float(focal_gamma)
+        self.box_space = box_space
+
+    @torch.no_grad()
+    def cost_matrices(self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict]) -> list[Tensor]:
+        """Weighted matching costs of each image.
+
+        Args:
+            pred_logits: ``[B, N, K]`` sigmoid class logits (detached internally).
+            pred_boxes: ``[B, N, 4]`` xyxy pixels of the network input (detached internally).
+            targets: B dicts with ``boxes`` float ``[G_b, 4]`` xyxy pixels, ``labels`` int64 ``[G_b]`` in ``[0, K)``
+                and ``size`` ``(h, w)`` of the unpadded network input.
+        Returns:
+            B float32 matrices ``[G_b, N]`` (rows = GTs, columns = queries), on ``pred_logits``' device; may hold
+            NaN/inf where the predictions do.
+        Raises:
+            ValueError: wrong shapes, a missing ``size``, or a label outside ``[0, K)``.
+        """
+        _check_inputs(pred_logits, pred_boxes, targets)
+        batch, num_queries, num_classes = pred_logits.shape
+        device = pred_logits.device
+        counts = [int(t["boxes"].shape[0]) for t in targets]
+        if sum(counts) == 0:
+            return [torch.zeros(0, num_queries, device=device) for _ in targets]
+        gt_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
+        gt_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)
+        if bool(((gt_labels < 0) | (gt_labels >= num_classes)).any()):
+            raise ValueError(f"targets hold labels outside [0, {num_classes}) (pred_logits has K={num_classes})")
+        whwh = image_whwh(targets, device)  # [B, 4]
+        gt_whwh = whwh.repeat_interleave(torch.tensor(counts, device=device), dim=0)  # [T, 4]
+
+        with torch.autocast(device_type=device.type, enabled=False):  # costs in float32
+            boxes = pred_boxes.detach().float()
+            cost = self.cost_class * focal_cost(pred_logits.detach(), gt_labels, self.focal_alpha, self.focal_gamma)
+            pred_norm = boxes / whwh[:, None, :]
+            gt_norm = gt_boxes / gt_whwh
+            if self.box_space == "cxcywh_norm":
+                pred_norm = box_convert(pred_norm, "xyxy", "cxcywh")
+                gt_norm = box_convert(gt_norm, "xyxy", "cxcywh")
+            l1 = torch.cdist(pred_norm.reshape(-1, 4), gt_norm, p=1).view(batch, num_queries, -1)
+            giou = generalized_box_iou(boxes.reshape(-1, 4), gt_boxes).view(batch, num_queries, -1)
+            cost = cost + self.cost_l1 * l1 - self.cost_giou * giou  # [B, N, T]
+
+        blocks = cost.split(counts, dim=-1)  # block b: [B, N, G_b]; only image b's rows matter
+        return [blocks[b][b].t() for b in range(batch)]
+
+    @torch.no_grad()
+    def __call__(self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
+        """Match every image of the batch (arguments as in :meth:`cost_matrices`).
+
+        Returns:
+            one ``(pred_idx, gt_idx)`` pair per image, ``int64 [M_b]`` each with ``M_b = min(N, G_b)``, on the
+            predictions' device, **sorted by ``gt_idx``** (ascending); an image with ``G_b = 0`` gives two empty
+            tensors. Every matched pair is returned, including pairs whose cost was non-finite.
+        """
+        matches = linear_assignment(self.cost_matrices(pred_logits, pred_boxes, targets), maximize=False)
+        return [(cols, rows) for rows, cols in matches]

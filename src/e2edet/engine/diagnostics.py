@@ -1,0 +1,287 @@
+"""End-to-end diagnostics on COCO-format detections: greedy TP matching, duplicate rate, calibration (ECE).
+
+All functions are pure (no collectives). Inputs:
+
+* ground truth as accepted by :class:`e2edet.engine.evaluator.CocoEvaluator` (a ``faster_coco_eval.COCO``, a
+  COCO dataset dict or a path to its JSON); boxes ``bbox`` are ``[x, y, w, h]`` in pixels, ``iscrowd=1`` marks
+  an ignore region;
+* detections in COCO results format: a list of ``{"image_id", "category_id", "bbox": [x, y, w, h] pixels,
+  "score" in [0, 1]}`` (what :meth:`CocoEvaluator.detections` returns).
+
+The calibration measure follows the suggested reproduction of the D-RMM README Figure 2 (reliability diagram) in
+``specs/query.md`` §3.7: per image the detections are greedily matched, by descending score, to unmatched
+same-class ground truth at IoU >= 0.5; precision(bin) = #TP / #detections in the bin over 20 equal-width
+confidence bins; ECE = sum_b (n_b / n) |precision_b - confidence_b|. The D-RMM authors did not publish their
+exact TP criterion or bin count, so these are our choices, not theirs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from e2edet.engine.evaluator import _as_coco
+
+
+def _pairwise_inter(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection areas ``[len(a), len(b)]`` of xyxy boxes ``a`` ``[N, 4]`` and ``b`` ``[M, 4]``."""
+    wh = np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2])
+    return np.clip(wh, 0.0, None).prod(axis=2)
+
+
+def _xyxy(xywh: np.ndarray) -> np.ndarray:
+    """``[N, 4]`` xywh -> xyxy (float64)."""
+    out = np.asarray(xywh, dtype=np.float64).reshape(-1, 4).copy()
+    out[:, 2:] += out[:, :2]
+    return out
+
+
+def _check_detections(detections: Sequence[Mapping[str, Any]], image_ids: set, cat_ids: set) -> None:
+    """Raise ValueError naming the first malformed detection."""
+    for i, det in enumerate(detections):
+        missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in det]
+        if missing:
+            raise ValueError(f"detection {i} lacks keys {missing} (COCO results format expected)")
+        if len(det["bbox"]) != 4:
+            raise ValueError(f"detection {i}: bbox must be [x, y, w, h], got {det['bbox']!r}")
+        if int(det["image_id"]) not in image_ids:
+            raise ValueError(f"detection {i}: image id {det['image_id']} is not in the ground-truth annotations")
+        if int(det["category_id"]) not in cat_ids:
+            raise ValueError(f"detection {i}: category id {det['category_id']} is not in the ground truth "
+                             f"(known: {sorted(cat_ids)})")
+        if not np.isfinite(float(det["score"])) or not np.all(np.isfinite(np.asarray(det["bbox"], float))):
+            raise ValueError(f"detection {i}: non-finite score or bbox ({det['score']!r}, {det['bbox']!r})")
+
+
+def match_detections(coco_gt: Any, detections: Sequence[Mapping[str, Any]], iou_thresh: float = 0.5
+                     ) -> dict[str, np.ndarray]:
+    """Greedy, class-aware matching of detections to ground truth, COCO style.
+
+    Per (image, category) the detections are visited by descending score (stable: ties keep input order). A
+    detection is a true positive (TP) when some not-yet-matched non-crowd GT box of its class has IoU >=
+    ``iou_thresh``; it takes the one with the highest IoU (first in annotation order on ties), which is then
+    matched. Otherwise it is *ignored* when its crowd IoU (intersection / detection area, COCO's definition)
+    with a crowd GT (``iscrowd=1``) of its class is >= ``iou_thresh``, and a false positive (FP) else. It is a
+    *duplicate* when it is neither TP nor ignored and has IoU >= ``iou_thresh`` with a same-class non-crowd GT
+    that a higher-scored detection (earlier in the visiting order) already matched. This is COCO's matching at
+    one IoU threshold without the per-image ``maxDets`` cap.
+
+    Args:
+        coco_gt: ground truth (COCO object, dataset dict or JSON path), boxes xywh pixels.
+        detections: COCO results-format list (``bbox`` xywh pixels).
+        iou_thresh: IoU threshold of a match, in (0, 1].
+    Returns:
+        Arrays aligned with ``detections`` (length D): ``score`` float64; ``is_tp``, ``is_ignored``,
+        ``is_duplicate`` bool; ``best_iou`` float64, the highest IoU with any same-class non-crowd GT (0 if
+        none); ``best_gt_id`` int64, the annotation id of that GT (-1 when ``best_iou`` is 0);
+        ``matched_gt_id`` int64, the annotation id a TP matched (-1 for non-TPs).
+    Raises:
+        ValueError: ``iou_thresh`` outside (0, 1]; a detection with missing keys, a bbox that is not 4 finite
+            numbers, a non-finite score, or an image/category id absent from the ground truth.
+    """
+    if not 0.0 < iou_thresh <= 1.0:
+        raise ValueError(f"iou_thresh must be in (0, 1], got {iou_thresh}")
+    coco = _as_coco(coco_gt)
+    _check_detections(detections, set(coco.getImgIds()), set(coco.getCatIds()))
+    gts: dict[tuple[int, int], list[Mapping[str, Any]]] = defaultdict(list)
+    for ann in coco.dataset.get("annotations", []):
+        gts[int(ann["image_id"]), int(ann["category_id"])].append(ann)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, det in enumerate(detections):
+        groups[int(det["image_id"]), int(det["category_id"])].append(i)
+
+    n = len(detections)
+    out = {"score": np.array([float(d["score"]) for d in detections], dtype=np.float64),
+           "is_tp": np.zeros(n, bool), "is_ignored": np.zeros(n, bool), "is_duplicate": np.zeros(n, bool),
+           "best_iou": np.zeros(n, np.float64), "best_gt_id": np.full(n, -1, np.int64),
+           "matched_gt_id": np.full(n, -1, np.int64)}
+    for key, idx in groups.items():
+        idx = np.asarray(idx)
+        idx = idx[np.argsort(-out["score"][idx], kind="stable")]
+        boxes = _xyxy(np.array([detections[i]["bbox"] for i in idx], dtype=np.float64))
+        anns = gts.get(key, [])
+        normal = [a for a in anns if not a.get("iscrowd", 0)]
+        crowd = [a for a in anns if a.get("iscrowd", 0)]
+        if crowd:
+            inter = _pairwise_inter(boxes, _xyxy(np.array([a["bbox"] for a in crowd])))
+            det_area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[:, None]
+            crowd_iou = np.divide(inter, det_area, out=np.zeros_like(inter), where=det_area > 0)
+            in_crowd = (crowd_iou >= iou_thresh).any(axis=1)
+        else:
+            in_crowd = np.zeros(len(idx), bool)
+        if not normal:
+            out["is_ignored"][idx] = in_crowd
+            continue
+        gt_boxes = _xyxy(np.array([a["bbox"] for a in normal]))
+        gt_ids = np.array([int(a["id"]) for a in normal], dtype=np.int64)
+        inter = _pairwise_inter(boxes, gt_boxes)
+        area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+        union = area(boxes)[:, None] + area(gt_boxes)[None, :] - inter
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        best = iou.argmax(axis=1)
+        out["best_iou"][idx] = iou[np.arange(len(idx)), best]
+        out["best_gt_id"][idx] = np.where(out["best_iou"][idx] > 0, gt_ids[best], -1)
+        hits = iou >= iou_thresh
+        out["is_ignored"][idx] = in_crowd & ~hits.any(axis=1)  # provisional; fixed below for overlapping ones
+        matched = np.zeros(len(normal), bool)
+        for row in np.flatnonzero(hits.any(axis=1)):  # visiting order = descending score
+            free = hits[row] & ~matched
+            if free.any():
+                g = int(np.argmax(np.where(free, iou[row], -1.0)))
+                matched[g] = True
+                out["is_tp"][idx[row]] = True
+                out["matched_gt_id"][idx[row]] = gt_ids[g]
+            elif in_crowd[row]:
+                out["is_ignored"][idx[row]] = True
+            else:  # every GT it overlaps at >= iou_thresh was taken by a higher-scored detection
+                out["is_duplicate"][idx[row]] = True
+    return out
+
+
+def duplicate_stats(matches: Mapping[str, np.ndarray], conf_thresh: float = 0.3) -> dict[str, Any]:
+    """Duplicate rate of the confident detections.
+
+    Confident detections are the non-ignored ones with ``score >= conf_thresh``. A duplicate is defined in
+    :func:`match_detections` (not TP, not ignored, IoU >= the match threshold with a same-class GT already
+    matched by a higher-scored detection). ``duplicate_rate = 100 * #confident duplicates / #confident``
+    (percent, 0-100; 0 when there is no confident detection).
+
+    Args:
+        matches: output of :func:`match_detections`.
+        conf_thresh: score threshold of a confident detection.
+    Returns:
+        ``{"duplicate_rate": float percent, "num_confident": int, "num_duplicates": int}``.
+    """
+    confident = (matches["score"] >= conf_thresh) & ~matches["is_ignored"]
+    num_confident = int(confident.sum())
+    num_dup = int((confident & matches["is_duplicate"]).sum())
+    rate = 100.0 * num_dup / num_confident if num_confident else 0.0
+    return {"duplicate_rate": rate, "num_confident": num_confident, "num_duplicates": num_dup}
+
+
+def calibration(scores: Sequence[float] | np.ndarray, is_tp: Sequence[bool] | np.ndarray, num_bins: int = 20
+                ) -> dict[str, Any]:
+    """Reliability bins and expected calibration error (ECE) of detection scores.
+
+    Bin ``b`` (0-based) of ``num_bins`` equal-width bins holds the scores in ``[b/B, (b+1)/B)``; the last bin
+    also holds 1.0. A score equal to an edge value ``b/B`` (as the float ``b/B``) lands in bin ``b``. Per bin:
+    count ``n_b``, mean confidence ``conf_b`` (mean score), precision ``prec_b`` = TP share (the "accuracy" of
+    D-RMM Figure 2). ``ECE = 100 * sum_b (n_b / n) * |prec_b - conf_b|``, in percent (0-100, like AP); 0 for n = 0.
+    Source: ``specs/query.md`` §3.7 (suggested reproduction of D-RMM README Figure 2).
+
+    Args:
+        scores: ``[n]`` confidences in [0, 1] (the non-ignored detections).
+        is_tp: ``[n]`` bool, TP flags of the same detections.
+        num_bins: number of bins B >= 1.
+    Returns:
+        ``{"ece": float percent, "edges": [B+1] floats, "counts": [B] ints, "confidences": [B], "precisions":
+        [B]}`` as plain Python lists; the confidence and precision of an empty bin are ``None`` (JSON null).
+    Raises:
+        ValueError: lengths differ, ``num_bins < 1``, or a score outside [0, 1] or non-finite.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    tp = np.asarray(is_tp, dtype=bool).reshape(-1)
+    if s.shape != tp.shape:
+        raise ValueError(f"{s.size} scores but {tp.size} TP flags")
+    if int(num_bins) < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    if s.size and not (np.isfinite(s).all() and s.min() >= 0.0 and s.max() <= 1.0):
+        raise ValueError(f"scores must lie in [0, 1], got range [{s.min()}, {s.max()}]")
+    edges = np.arange(int(num_bins) + 1, dtype=np.float64) / int(num_bins)
+    which = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, int(num_bins) - 1)
+    counts = np.bincount(which, minlength=int(num_bins))
+    conf_sum = np.bincount(which, weights=s, minlength=int(num_bins)).astype(np.float64)  # float if empty
+    tp_sum = np.bincount(which, weights=tp.astype(np.float64), minlength=int(num_bins)).astype(np.float64)
+    nz = counts > 0
+    conf = np.divide(conf_sum, counts, out=np.zeros_like(conf_sum), where=nz)
+    prec = np.divide(tp_sum, counts, out=np.zeros_like(tp_sum), where=nz)
+    ece = 100.0 * float((counts * np.abs(prec - conf)).sum() / s.size) if s.size else 0.0
+    return {"ece": ece, "edges": edges.tolist(), "counts": counts.astype(int).tolist(),
+            "confidences": [float(c) if k else None for c, k in zip(conf, nz)],
+            "precisions": [float(p) if k else None for p, k in zip(prec, nz)]}
+
+
+def diagnostics(coco_gt: Any, detections: Sequence[Mapping[str, Any]], iou_thresh: float = 0.5,
+                conf_thresh: float = 0.3, num_bins: int = 20) -> dict[str, Any]:
+    """Duplicate rate and calibration of one set of detections (all values JSON-friendly).
+
+    Args:
+        coco_gt: ground truth (COCO object, dataset dict or JSON path).
+        detections: COCO results-format list (``bbox`` xywh pixels, ``score`` in [0, 1]); the evaluator passes
+            the post-processor's output (top-100 per image, no score threshold).
+        iou_thresh: IoU of a TP match and of a duplicate (see :func:`match_detections`).
+        conf_thresh: score threshold of the detections counted by the duplicate rate.
+        num_bins: calibration bins (see :func:`calibration`).
+    Returns:
+        ``{"duplicate_rate": percent, "num_confident", "num_duplicates", "ece": percent, "num_detections",
+        "num_ignored", "reliability": {"edges", "counts", "confidences", "precisions"}}``; ignored detections
+        (matched to a crowd region) are left out of every statistic but ``num_detections``/``num_ignored``.
+    Raises:
+        ValueError: as :func:`match_detections` and :func:`calibration`.
+    """
+    matches = match_detections(coco_gt, detections, iou_thresh=iou_thresh)
+    keep = ~matches["is_ignored"]
+    cal = calibration(matches["score"][keep], matches["is_tp"][keep], num_bins=num_bins)
+    return {**duplicate_stats(matches, conf_thresh=conf_thresh), "ece": cal.pop("ece"),
+            "num_detections": len(detections), "num_ignored": int(matches["is_ignored"].sum()),
+            "reliability": cal}
+
+
+def plot_reliability(bins_by_model: Mapping[str, Mapping[str, Any]], path: str | Path,
+                     title: str = "Reliability diagram") -> Path:
+    """Draw a reliability diagram (D-RMM README Figure 2 style, ``specs/query.md`` §3.7) as a PNG.
+
+    Top panel: x = mean confidence of a bin, y = precision (TP share) of the bin, one line per model, the
+    diagonal = perfect calibration, ECE in the legend. Bottom panel: detections per bin (log scale).
+
+    Args:
+        bins_by_model: ``{name: d}`` where ``d`` is a :func:`diagnostics` result (``"reliability"`` and
+            ``"ece"``) or a :func:`calibration` result (``"edges"``, ``"counts"``, ``"confidences"``,
+            ``"precisions"``, optional ``"ece"``).
+        path: output PNG path; written to a temporary sibling and renamed (atomic).
+        title: figure title.
+    Returns:
+        ``path`` as a Path.
+    Raises:
+        ValueError: no model, or a model's dict lacks the bin lists.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not bins_by_model:
+        raise ValueError("plot_reliability needs at least one model")
+    fig = Figure(figsize=(6, 7), dpi=100)
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect calibration")
+    for name, d in bins_by_model.items():
+        rel = d.get("reliability", d)
+        missing = [k for k in ("edges", "counts", "confidences", "precisions") if k not in rel]
+        if missing:
+            raise ValueError(f"model {name!r}: reliability bins lack {missing}")
+        pts = [(c, p) for c, p in zip(rel["confidences"], rel["precisions"]) if c is not None and p is not None]
+        ece = d.get("ece")
+        label = f"{name} (ECE {ece:.1f})" if isinstance(ece, (int, float)) else str(name)
+        line = top.plot([c for c, _ in pts], [p for _, p in pts], "o-", markersize=4, label=label)[0]
+        edges = np.asarray(rel["edges"], dtype=np.float64)
+        counts = np.asarray(rel["counts"], dtype=np.float64)
+        bottom.stairs(counts, edges, color=line.get_color())
+    top.set(xlim=(0, 1), ylim=(-0.01, 1.01), ylabel="precision (TP share)", title=title)
+    top.grid(True, alpha=0.3)
+    top.legend(loc="upper left", fontsize="small")
+    bottom.set(xlabel="confidence", ylabel="detections")
+    if any(np.asarray(d.get("reliability", d)["counts"]).sum() > 0 for d in bins_by_model.values()):
+        bottom.set_yscale("log")
+    bottom.grid(True, alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,227 @@
+"""Sparse R-CNN (MMDetection 2.x implementation) and, with ``drmm=True``, D-RMM + Sparse R-CNN.
+
+Spec ``query.md`` 1.2 (model), 3.2 (D-RMM output layers, additive box update, grid proposals) and "Design notes for
+one codebase" (one stage loop; boxes detached between stages, content not). The output dict follows
+``QUERY_CONTRACT.md``; losses, matching and post-processing live elsewhere (``e2edet.losses``, ``postprocess``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import FeaturePyramidNetwork, roi_align
+from torchvision.ops.poolers import LevelMapper
+
+from e2edet.models.backbone import build_backbone
+from e2edet.models.query.common import input_sizes, proposal_init as make_proposals, proposals_to_pixels
+from e2edet.models.query.dynamic_conv import DIIStage
+
+__all__ = ["SparseRCNN", "PyramidRoIAlign", "delta_xywh_decode", "MAX_LOG_RATIO"]
+
+MAX_LOG_RATIO = abs(math.log(16.0 / 1000.0))  # 4.135: mmdet ``delta2bbox`` wh_ratio_clip = 16 / 1000
+
+
+def delta_xywh_decode(boxes: Tensor, deltas: Tensor, stds: tuple[float, ...] = (0.5, 0.5, 1.0, 1.0),
+                      max_ratio: float = MAX_LOG_RATIO) -> Tensor:
+    """mmdet ``DeltaXYWHBBoxCoder.decode`` (means 0, ``clip_border=False``), spec ``query.md`` 1.2 "Box update".
+
+    ``(dx, dy, dw, dh) = deltas · stds``; ``dw, dh`` clamped to ``[-max_ratio, max_ratio]``; ``cx' = cx + w·dx``,
+    ``cy' = cy + h·dy``, ``w' = w·exp(dw)``, ``h' = h·exp(dh)`` with ``w = x2 - x1`` (no +1); no clipping.
+
+    Args:
+        boxes: ``[..., 4]`` xyxy pixels (the stage's input boxes). deltas: ``[..., 4]`` raw regression outputs.
+    Returns:
+        ``[..., 4]`` xyxy pixels, float32 (computed in float32 whatever the input dtypes).
+    """
+    boxes, deltas = boxes.float(), deltas.float() * deltas.new_tensor(stds, dtype=torch.float32)
+    w, h = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    cx, cy = boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h
+    dx, dy = deltas[..., 0], deltas[..., 1]
+    dw, dh = deltas[..., 2].clamp(-max_ratio, max_ratio), deltas[..., 3].clamp(-max_ratio, max_ratio)
+    cx, cy, w, h = cx + w * dx, cy + h * dy, w * dw.exp(), h * dh.exp()
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+class PyramidRoIAlign(nn.Module):
+    """RoIAlign on FPN levels with torchvision's level mapper (the pooling of ``torchvision.ops.MultiScaleRoIAlign``).
+
+    Level of a box: torchvision ``LevelMapper`` (canonical scale 224 at level 4, clamped to the given levels):
+    ``floor(4 + log2(sqrt(w·h) / 224) + 1e-6)`` = ``floor(log2(sqrt(w·h) / 56) + 1e-6)`` relative to P2, which is
+    mmdet ``map_roi_levels`` (finest_scale 56, ``floor(log2(scale / 56 + 1e-6))``) except where the eps sits: the
+    two differ only for ``sqrt(w·h)`` within a relative ~1e-6 of 112, 224, 448 (spec 1.2 "RoI features", 1.8 #6).
+    A box with one negative side (w·h < 0, possible with D-RMM's additive update) gets no level (NaN scale) and
+    pools zeros; a zero-area box maps to the first level.
+
+    Each level is pooled with ``torchvision.ops.roi_align(spatial_scale=1/stride, sampling_ratio, aligned)``.
+    ``aligned=True`` by default, following the official code: mmcv ``RoIAlign`` (used by mmdet
+    ``SingleRoIExtractor`` in the Sparse R-CNN / D-RMM configs) defaults to ``aligned=True`` (half-pixel shift),
+    while ``MultiScaleRoIAlign`` always uses ``aligned=False``; ``aligned=False`` reproduces ``MultiScaleRoIAlign``
+    exactly. Strides are given, not inferred from an image shape, so padding never changes the spatial scales.
+
+    Args:
+        strides: strides of the pooled levels in pixels, consecutive powers of two (P2..P5: 4, 8, 16, 32).
+        output_size: pooled side S (7). sampling_ratio: bilinear samples per bin side (2).
+        aligned: half-pixel aligned RoIAlign. canonical_scale, canonical_level: level-mapper constants (224, 4).
+
+    Raises:
+        ValueError: strides that are not consecutive powers of two.
+    """
+
+    def __init__(self, strides: tuple[int, ...] = (4, 8, 16, 32), output_size: int = 7, sampling_ratio: int = 2,
+                 aligned: bool = True, canonical_scale: int = 224, canonical_level: int = 4):
+        super().__init__()
+        logs = [math.log2(s) for s in strides]
+        if any(lg != round(lg) for lg in logs) or any(b - a != 1 for a, b in zip(logs, logs[1:])):
+            raise ValueError(f"PyramidRoIAlign strides must be consecutive powers of two, got {tuple(strides)}")
+        self.strides = tuple(int(s) for s in strides)
+        self.output_size, self.sampling_ratio, self.aligned = output_size, sampling_ratio, aligned
+        self.mapper = LevelMapper(int(logs[0]), int(logs[-1]), canonical_scale, canonical_level)
+
+    def levels(self, boxes: list[Tensor]) -> Tensor:
+        """int64 ``[R]`` level index (0 = first level, e.g. P2) of every box of the per-image ``[N_b, 4]`` xyxy
+        pixel boxes, concatenated in image order."""
+        return self.mapper(boxes)
+
+    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        """``features``: per level ``[B, C, H_l, W_l]`` (strides ``self.strides``); ``boxes``: per image ``[N_b, 4]``
+        xyxy pixels of the padded input -> ``[sum_b N_b, C, S, S]`` in image-major order.
+
+        No gradient reaches ``boxes`` (torchvision's ``roi_align`` has none for the boxes).
+
+        Raises:
+            ValueError: wrong number of levels or images.
+        """
+        if len(features) != len(self.strides) or len(boxes) != features[0].shape[0]:
+            raise ValueError(f"PyramidRoIAlign: got {len(features)} levels for strides {self.strides} and "
+                             f"{len(boxes)} box lists for a batch of {features[0].shape[0]}")
+        boxes = [b.detach() for b in boxes]
+        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
+        levels = self.levels(boxes)
+        pooled = []
+        for level, (feat, stride) in enumerate(zip(features, self.strides)):
+            idx = torch.where(levels == level)[0]
+            pooled.append((idx, roi_align(feat, rois[idx].to(feat.dtype), self.output_size, 1.0 / stride,
+                                          self.sampling_ratio, self.aligned)))
+        dtype = pooled[0][1].dtype
+        result = rois.new_zeros((len(rois), features[0].shape[1], self.output_size, self.output_size), dtype=dtype)
+        for idx, out in pooled:
+            result[idx] = out.to(dtype)
+        return result
+
+
+class SparseRCNN(nn.Module):
+    """Sparse R-CNN (spec ``query.md`` 1.2) or, with ``drmm=True``, D-RMM + Sparse R-CNN (spec 3.2).
+
+    Backbone (C2..C5) -> FPN P2..P5 (``torchvision.ops.FeaturePyramidNetwork``, ``hidden_dim`` channels, no extra
+    levels = mmdet FPN start_level 0, num_outs 4; xavier-uniform conv init as mmdet's FPN ``init_cfg``) ->
+    learnable proposals (``init_proposal_boxes``: Embedding(N, 4) normalised cxcywh from ``common.proposal_init``;
+    ``init_proposal_features``: Embedding(N, d), N(0, 1)) -> ``num_stages`` x [``PyramidRoIAlign`` 7x7 on the stage's
+    input boxes -> ``DIIStage`` -> box update].
+
+    Box update: Sparse R-CNN ``delta_xywh_decode`` against the stage's input box; D-RMM ``mu = roi + delta`` (plain
+    additive pixel offset). The stage-0 input boxes are the proposals in pixels of the UNPADDED image size, not
+    detached (the initial boxes learn through the decode); every later stage's input boxes are the previous
+    stage's decoded boxes **detached**; the content (``obj_feat``) is not detached.
+
+    Args:
+        backbone_name: ``resnet18/34/50/101`` or ``mobilenet_v2``. num_classes: K. pretrained: ImageNet backbone.
+        freeze_at: backbone stages to freeze (2 = stem + res2, mmdet frozen_stages 1). norm: backbone norm.
+        hidden_dim: d (256). num_queries: N (100 / 300). num_stages: 6. num_heads: 8. dim_feedforward: 2048.
+        dynamic_dim: DynamicConv width (64). pooler_size: RoIAlign side (7). dropout: 0.0.
+        proposal_init: ``"whole"`` | ``"grid"``; None = ``"whole"`` (Sparse R-CNN) / ``"grid"`` (D-RMM, 15 x 20 for
+            300 queries). drmm: D-RMM output layers and box update.
+
+    Attributes:
+        num_classes, drmm, hparams (the constructor arguments: ``SparseRCNN(**model.hparams)`` rebuilds the model),
+        strides (``[4, 8, 16, 32]``), backbone, fpn, roi_pool, init_proposal_boxes, init_proposal_features, stages.
+
+    Raises:
+        ValueError: unknown backbone/norm/proposal init, a grid init whose N has no grid, ``num_stages < 1``.
+    """
+
+    def __init__(self, backbone_name: str = "resnet50", num_classes: int = 80, pretrained: bool = True,
+                 freeze_at: int = 2, norm: str | None = None, hidden_dim: int = 256, num_queries: int = 100,
+                 num_stages: int = 6, num_heads: int = 8, dim_feedforward: int = 2048, dynamic_dim: int = 64,
+                 pooler_size: int = 7, dropout: float = 0.0, proposal_init: str | None = None, drmm: bool = False):
+        super().__init__()
+        self.hparams = dict(backbone_name=backbone_name, num_classes=num_classes, pretrained=pretrained,
+                            freeze_at=freeze_at, norm=norm, hidden_dim=hidden_dim, num_queries=num_queries,
+                            num_stages=num_stages, num_heads=num_heads, dim_feedforward=dim_feedforward,
+                            dynamic_dim=dynamic_dim, pooler_size=pooler_size, dropout=dropout,
+                            proposal_init=proposal_init, drmm=drmm)
+        if num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+        self.num_classes, self.drmm, self.num_queries = num_classes, drmm, num_queries
+        self.backbone = build_backbone(backbone_name, pretrained=pretrained, norm=norm, freeze_at=freeze_at,
+                                       with_c2=True)
+        self.strides = list(self.backbone.strides)
+        self.fpn = FeaturePyramidNetwork(list(self.backbone.out_channels), hidden_dim)
+        for m in self.fpn.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.roi_pool = PyramidRoIAlign(tuple(self.strides), pooler_size, sampling_ratio=2, aligned=True)
+        kind = proposal_init if proposal_init is not None else ("grid" if drmm else "whole")
+        self.init_proposal_boxes = nn.Embedding(num_queries, 4)
+        with torch.no_grad():
+            self.init_proposal_boxes.weight.copy_(make_proposals(kind, num_queries))
+        self.init_proposal_features = nn.Embedding(num_queries, hidden_dim)  # default N(0, 1)
+        self.stages = nn.ModuleList(
+            DIIStage(hidden_dim, num_classes, num_heads, dim_feedforward, dynamic_dim, pooler_size, dropout, drmm)
+            for _ in range(num_stages))
+
+    def _check_inputs(self, images: Tensor, image_sizes: Tensor | None) -> Tensor:
+        """Validate ``images`` / ``image_sizes``; return float32 ``[B, 2]`` (h, w) unpadded sizes."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        h, w = int(images.shape[-2]), int(images.shape[-1])
+        if h % 32 != 0 or w % 32 != 0:
+            raise ValueError(f"image height and width must be multiples of 32 (pad the batch), got {h}x{w}")
+        sizes = input_sizes(images, image_sizes)
+        if image_sizes is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            bad = (sizes <= 0).any(dim=1) | (sizes[:, 0] > h) | (sizes[:, 1] > w)
+            if bool(bad.any()):
+                raise ValueError(f"image_sizes rows must be (h, w) with 0 < h <= {h} and 0 < w <= {w} (the padded "
+                                 f"input), got {sizes[bad].tolist()}")
+        return sizes
+
+    def forward(self, images: Tensor, image_sizes: Tensor | None = None) -> dict:
+        """Run the detector.
+
+        Args:
+            images: ``[B, 3, H, W]`` normalised RGB, ``H`` and ``W`` multiples of 32 (padded input).
+            image_sizes: int64 ``[B, 2]`` (h, w) of the resized, UNPADDED images (``targets[b]["size"]``); None =
+                the padded size. Scales the initial proposals (mmdet ``EmbeddingRPNHead`` uses ``img_shape``).
+
+        Returns:
+            ``QUERY_CONTRACT.md`` dict: ``"stages"``: list of ``num_stages`` dicts (stage 0 first) with
+            ``pred_logits [B, N, K]`` (sigmoid logits; D-RMM: K-way softmax logits), ``pred_boxes`` float32
+            ``[B, N, 4]`` xyxy pixels of the input (D-RMM: Cauchy location mu) and, for D-RMM, ``pred_fg [B, N]``
+            foreground logits and ``pred_scales`` float32 ``[B, N, 4]`` softplus scales in pixels (before the
+            0.04·size floor); the last stage's tensors are repeated at the top level (the same objects).
+
+        Raises:
+            ValueError: ``images`` not ``[B, 3, H, W]``, ``H``/``W`` not multiples of 32, ``image_sizes`` not
+                ``[B, 2]`` or outside ``(0, H] x (0, W]``.
+        """
+        sizes = self._check_inputs(images, image_sizes)
+        features = list(self.fpn(self.backbone(images)).values())  # P2..P5
+        batch = images.shape[0]
+        boxes = proposals_to_pixels(self.init_proposal_boxes.weight.float(), sizes)  # [B, N, 4], keeps the grad
+        content = self.init_proposal_features.weight.unsqueeze(0).expand(batch, -1, -1)
+        stages = []
+        for stage in self.stages:
+            roi_feats = self.roi_pool(features, list(boxes.unbind(0)))
+            content, head = stage(content, roi_feats)
+            if self.drmm:
+                new_boxes = boxes + head["box_deltas"].float()
+            else:
+                new_boxes = delta_xywh_decode(boxes, head["box_deltas"])
+            out = {"pred_logits": head["pred_logits"], "pred_boxes": new_boxes}
+            if self.drmm:
+                out.update(pred_fg=head["pred_fg"], pred_scales=head["pred_scales"])
+            stages.append(out)
+            boxes = new_boxes.detach()
+        return {"stages": stages, **stages[-1]}
