@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from e2edet.models.query.adamixer import AdaMixer, AdaMixerStage, ChannelMapping
 from e2edet.models.query.adamixer_ops import (AdaptiveMixing, box_iof, initial_xyzr, iof_attn_bias, joint_layer_norm,
@@ -228,7 +227,7 @@ def test_init_survives_model_construction():
         assert torch.equal(stage.offset_generator.weight, torch.zeros_like(stage.offset_generator.weight))
         bias = stage.offset_generator.bias.view(4, 6, 3)
         assert torch.all(bias[..., 2] == -1) and bias[..., :2].abs().max() <= 0.5 and bias[..., :2].std() > 0.1
-        assert torch.equal(stage.mixing.parameter_generator.weight, torch.zeros_like(stage.mixing.parameter_generator.weight))
+        assert not stage.mixing.parameter_generator.weight.any()
         assert stage.mixing.parameter_generator.bias.abs().max() > 0
         assert torch.all(stage.head.fc_reg.weight == 0) and torch.all(stage.head.fc_reg.bias == 0)
         torch.testing.assert_close(stage.head.fc_cls.bias, torch.full((3,), -math.log(99.0)))
@@ -239,7 +238,7 @@ def test_init_survives_model_construction():
 # model-level contract -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("drmm", [False, True])
 def test_forward_contract_and_finite_gradients(drmm):
-    model = _tiny(drmm)
+    model = _tiny(drmm, freeze_at=5 if drmm else 2)  # the D-RMM run skips the backbone backward (speed)
     sizes = torch.tensor([[64, 80], [50, 96]])
     out = model(torch.randn(2, 3, H, W), sizes)
     keys = {"pred_logits", "pred_boxes"} | ({"pred_fg", "pred_scales"} if drmm else set())
@@ -270,7 +269,7 @@ def test_forward_contract_and_finite_gradients(drmm):
 
 
 def test_xyzr_detached_between_stages():
-    model = _tiny()
+    model = _tiny(freeze_at=5, num_stages=2)
     out = model(torch.randn(1, 3, H, W))
     out["stages"][1]["pred_boxes"].sum().backward()
     assert model.stages[0].head.fc_reg.weight.grad is None  # stage-0 boxes feed stage 1 only through detached xyzr

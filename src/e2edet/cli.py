@@ -1,4 +1,4 @@
-"""Command line: ``e2edet train | eval | predict | export | data | recipes``.
+"""Command line: ``e2edet train | eval | predict | export | compare | data | recipes``.
 
 Examples::
 
@@ -11,6 +11,7 @@ Examples::
     e2edet eval runs/defcn_mnv2_cpu                  # AP / AP50 / ... with and without NMS
     e2edet predict runs/defcn_mnv2_cpu images/ --out preds --score 0.3
     e2edet export runs/defcn_mnv2_cpu --out defcn.onnx --size 416x416
+    e2edet compare fcos_mnv2_cpu defcn_mnv2_cpu o2f_mnv2_cpu data=bccd iters=300 --out compare_bccd
     e2edet data sample trees
     e2edet data convert voc path/to/VOC --split train --out train.json
     e2edet data convert yolo images/ labels/ --classes names.txt --out train.json
@@ -71,6 +72,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"{path}: images [B, 3, {height}, {width}] -> boxes, scores, labels (top "
           f"{predictor.cfg.test.max_detections}, no NMS); onnxruntime matches PyTorch")
     return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from e2edet.compare import compare
+
+    rows = compare(args.recipes, args.overrides, args.out, reuse=args.reuse)
+    return 1 if any(r.get("error") for r in rows) else 0
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
@@ -153,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--size", default="416x576", help="input HxW in pixels, multiples of 32 (default 416x576)")
     x.set_defaults(func=_cmd_export)
 
+    cm = sub.add_parser("compare", help="train several recipes with one budget; one table of AP, AP50, mMR, "
+                                        "recall, duplicate rate, ECE, s/iter and peak memory")
+    cm.add_argument("recipes", nargs="+", help="recipe names or config YAML files, then key=value overrides for all")
+    cm.add_argument("--out", default="compare", help="output folder: runs/, compare.md, compare.json (default: compare)")
+    cm.add_argument("--reuse", action="store_true", help="keep runs that already have a summary.json")
+    cm.set_defaults(func=_cmd_compare, overrides=[])
+
     d = sub.add_parser("data", help="datasets: sample data, format conversion, validation")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     s = dsub.add_parser("sample", help="prepare a bundled real sample (trees: NEON aerial tree crowns)")
@@ -187,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "func", None) is _cmd_compare:  # recipes and key=value overrides share one positional list
+        args.overrides = [x for x in args.recipes if "=" in x]
+        args.recipes = [x for x in args.recipes if "=" not in x]
     # key=value overrides may follow options (``--resume X epochs=6``); anything else unknown is an error
     if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
         args.overrides += extra

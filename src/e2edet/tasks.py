@@ -7,6 +7,9 @@ Each job prints a short report and writes its files into the run folder (``outpu
 from __future__ import annotations
 
 import json
+import resource
+import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +20,7 @@ from e2edet.data.loader import build_loader
 from e2edet.engine.checkpoint import unwrap_model
 from e2edet.engine.device import init_distributed
 from e2edet.engine.evaluator import evaluate, format_results_table, save_results
+from e2edet.engine.logger import read_metrics
 from e2edet.engine.rng import seed_everything
 from e2edet.engine.trainer import Trainer
 from e2edet.inference import Predictor
@@ -79,6 +83,8 @@ def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8) 
     finally:
         trainer.close()
     results = summary["eval"]
+    if is_main_process() and results is not None:
+        write_summary(cfg, run_dir, results, device)
     if results is None and is_main_process():  # e.g. resuming a run that had already finished
         print(f"{run_dir}: no training left to do (iteration {summary['iteration']}); see `e2edet eval {run_dir}`")
         return {}
@@ -87,6 +93,28 @@ def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8) 
         Predictor(unwrap_model(model), cfg, device=device).predict_files(files, run_dir / "predictions")
         print(f"prediction pictures: {run_dir / 'predictions'}")
     return results
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA allocation of ``device`` (MiB), or on CPU the peak resident set size of this process (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def write_summary(cfg: Config, run_dir: Path, results: dict, device: torch.device) -> Path:
+    """Write ``run_dir/summary.json``: recipe, iterations, median seconds per iteration (from the train records of
+    ``metrics.jsonl``, the first one left out as warm-up when there are several), peak memory and the final
+    evaluation (read by ``e2edet compare``)."""
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("type") == "train" and "time" in r]
+    times = [float(r["time"]) for r in (records[1:] if len(records) > 1 else records)]
+    summary = {"recipe": cfg.name, "iterations": records[-1]["iteration"] if records else 0,
+               "sec_per_iter": statistics.median(times) if times else None, "peak_mem_mb": peak_memory_mb(device),
+               "device": str(device), "nms_iou": cfg.test.nms_iou, "eval": results}
+    path = run_dir / "summary.json"
+    save_results(summary, path)
+    return path
 
 
 def evaluate_weights(weights: str | Path, overrides: list[str], out: str | Path | None = None,

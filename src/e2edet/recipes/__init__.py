@@ -44,4 +44,4 @@ def get_recipe(name: str) -> Config:
     return cfg
 
 
-from e2edet.recipes import dense  # noqa: E402,F401  (registers the dense recipes)
+from e2edet.recipes import dense, query  # noqa: E402,F401  (registers the dense and query recipes)

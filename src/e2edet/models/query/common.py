@@ -93,7 +93,7 @@ def proposal_init(kind: str, num: int) -> Tensor:
 
     ``"whole"``: every box (0.5, 0.5, 1, 1) (mmdet ``EmbeddingRPNHead``; AdaMixer's fixed xyzr init).
     ``"grid"``: D-RMM ``preset`` init (spec ``query.md`` 3.2): centers on a regular rows x cols grid with
-    rows x cols = ``num`` chosen as 15 x 20 for 300 (rows = round(sqrt(num·3/4)) in general, ``num`` must factor),
+    rows x cols = ``num``, 15 x 20 for 300 (in general rows = the divisor of ``num`` nearest to sqrt(num·3/4)),
     cx = (j + 0.5) / cols, cy = (i + 0.5) / rows, w = h = 0.5.
 
     Raises:
@@ -103,9 +103,8 @@ def proposal_init(kind: str, num: int) -> Tensor:
         return torch.tensor([0.5, 0.5, 1.0, 1.0]).repeat(num, 1)
     if kind != "grid":
         raise ValueError(f"unknown proposal init '{kind}'; valid: whole, grid")
-    rows = max(1, round(math.sqrt(num * 3 / 4)))
-    while num % rows:
-        rows -= 1
+    target = math.sqrt(num * 3 / 4)
+    rows = min((d for d in range(1, num + 1) if num % d == 0), key=lambda d: (abs(d - target), d))
     cols = num // rows
     if rows == 1 and num > 3:
         raise ValueError(f"grid proposal init needs a number of proposals with a rows x cols grid, got {num}")
