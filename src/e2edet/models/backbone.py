@@ -201,6 +201,8 @@ def build_backbone(
         name: one of ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``mobilenet_v2``, ``swin_t``.
         pretrained: load ``*_Weights.IMAGENET1K_V1`` through torchvision's weights API (hub cache, else download).
             If the weights cannot be obtained, a ``UserWarning`` is emitted and the backbone is randomly initialised.
+            Swin-T: torchvision's own ImageNet-1k training (``swin_t-704ceda3.pth``, 81.5 top-1), not the official
+            ``swin_tiny_patch4_window7_224.pth`` (81.2) that the mmdet configs load; same architecture.
         norm: ``"FrozenBN"``, ``"BN"`` or ``"SyncBN"`` (case-insensitive). ``None`` means ``FrozenBN`` when
             ImageNet weights are loaded (cvpods default) and trainable ``BN`` otherwise. Swin-T uses LayerNorm and
             only accepts ``None``.
