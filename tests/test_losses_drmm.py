@@ -205,7 +205,8 @@ def test_spec_test_vector():  # #11
 
 def test_eps_artefacts_and_finite_gradients():  # #12
     nll, mcm = drmm_nll_mcm(torch.tensor([[9e-16, 1e-16]], dtype=torch.float64).log())
-    assert nll.item() == pytest.approx(-math.log(1.001e-12), abs=1e-6) and nll.item() == pytest.approx(27.6300, abs=1e-4)
+    assert nll.item() == pytest.approx(-math.log(1.001e-12), abs=1e-6)
+    assert nll.item() == pytest.approx(27.6300, abs=1e-4)
     assert mcm.item() == pytest.approx(7.0141, abs=1e-4)
     _, mcm = drmm_nll_mcm(torch.tensor([[1e-30, 1e-40]], dtype=torch.float64).log())  # outer floor: ratio 1e-18
     assert mcm.item() == pytest.approx(-math.log(1e-30 / (1e-30 + 1e-40 + 1e-12) + 1e-12), rel=1e-9)
@@ -256,9 +257,13 @@ def test_zero_gt_image():  # #14
     fake = _target(stage["pred_boxes"][0, k].detach()[None], [2])
     assert stage["pred_logits"][0, k].argmax() == 2
     normal = crit({"stages": [stage]}, [fake])["stage0_mm_loss"]
-    assert torch.isfinite(loss) and 0 < loss.item() == pytest.approx(1e-12 * normal.item(), rel=1e-5)
+    assert torch.isfinite(loss) and loss.item() > 0 and loss.item() * 1e12 == pytest.approx(normal.item(), rel=1e-5)
     assert out["num_gt"].item() == 0 and out["stage0_mean_nll"].item() == 0
+    (g_normal,) = torch.autograd.grad(normal, stage["pred_boxes"], retain_graph=True)
+    for s in stage.values():  # retain_grad() also records grads taken by autograd.grad
+        s.grad = None
     loss.backward()
+    assert torch.allclose(stage["pred_boxes"].grad * 1e12, g_normal, rtol=1e-4, atol=1e-7)  # fake box is detached
     for name, p in [*head.named_parameters(), *stage.items()]:
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
 

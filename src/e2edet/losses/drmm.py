@@ -142,7 +142,7 @@ def drmm_nll_mcm(log_comp: Tensor, log_comp_mcm: Tensor | None = None) -> tuple[
     log_comp_mcm = log_comp_mcm.clamp_min(MIN_LOG_COMP)
     nll = -torch.logaddexp(torch.logsumexp(log_comp, dim=1), log_eps)
     log_ratio = log_comp_mcm.max(dim=1).values - torch.logaddexp(torch.logsumexp(log_comp_mcm, dim=1), log_eps)
-    mcm = -log_ratio
+    mcm = -torch.logaddexp(log_ratio, log_eps)
     return nll, mcm
 
 
