@@ -13,6 +13,7 @@ from e2edet.models.query.dynamic_conv import DIIStage, DynamicConv
 from e2edet.models.query.sparse_rcnn import MAX_LOG_RATIO, PyramidRoIAlign, SparseRCNN, delta_xywh_decode
 
 K, N, D = 5, 6, 32
+MB = "mobilenet_v2"  # cheapest backbone to build
 SIZES = torch.tensor([[48, 80], [64, 96]])  # unpadded (h, w) of a 64x96 padded batch
 
 
@@ -34,7 +35,7 @@ def srcnn():
 
 @pytest.fixture(scope="module")
 def drmm_model():
-    return _tiny(drmm=True, backbone="mobilenet_v2", num_queries=12)  # 3 x 4 grid proposals
+    return _tiny(drmm=True, backbone=MB, num_queries=12)  # 3 x 4 grid proposals
 
 
 # ---------------------------------------------------------------- published sizes, init (1.8 #1, #5; 3.2)
@@ -55,6 +56,8 @@ def test_published_layer_sizes_and_defaults(drmm):
         assert all(lin.bias is None for lin in stage.output.reg_fcs if isinstance(lin, torch.nn.Linear))
     assert model.fpn.inner_blocks[0][0].in_channels == 256 and model.fpn.layer_blocks[3][0].out_channels == 256
     assert len(model.fpn.inner_blocks) == 4 and model.fpn.extra_blocks is None and model.strides == [4, 8, 16, 32]
+    pool = model.roi_pool
+    assert (pool.strides, pool.output_size, pool.sampling_ratio, pool.aligned) == ((4, 8, 16, 32), 7, 2, True)
 
 
 def test_dynamic_conv_matches_per_proposal_loop():
@@ -94,15 +97,15 @@ def test_cls_bias_prior_and_drmm_zero_biases(srcnn, drmm_model):
 
 
 def test_proposal_init_defaults_and_grid_300():
-    assert torch.all(_tiny().init_proposal_boxes.weight == torch.tensor([0.5, 0.5, 1.0, 1.0]))
-    grid = _tiny(drmm=True, num_queries=300, num_stages=1).init_proposal_boxes.weight.detach()
+    assert torch.all(_tiny(backbone=MB, num_stages=1).init_proposal_boxes.weight == torch.tensor([0.5, 0.5, 1, 1]))
+    grid = _tiny(drmm=True, backbone=MB, num_queries=300, num_stages=1).init_proposal_boxes.weight.detach()
     assert grid.shape == (300, 4)
     torch.testing.assert_close(grid[:, 0].unique(), (torch.arange(20) + 0.5) / 20)
     torch.testing.assert_close(grid[:, 1].unique(), (torch.arange(15) + 0.5) / 15)
     assert grid[:, 0].min().item() == pytest.approx(0.025) and grid[:, 0].max().item() == pytest.approx(0.975)
     assert grid[:, 1].min().item() == pytest.approx(1 / 30) and grid[:, 1].max().item() == pytest.approx(29 / 30)
     assert torch.all(grid[:, 2:] == 0.5) and len({tuple(r) for r in grid.tolist()}) == 300
-    explicit = _tiny(drmm=True, num_stages=1, proposal_init="whole")
+    explicit = _tiny(drmm=True, backbone=MB, num_stages=1, proposal_init="whole")
     assert torch.all(explicit.init_proposal_boxes.weight == torch.tensor([0.5, 0.5, 1.0, 1.0]))
 
 
@@ -172,6 +175,19 @@ def test_dii_stage_shapes():
     content, head = stage(torch.randn(2, N, D), torch.randn(2 * N, D, 7, 7))
     assert content.shape == (2, N, D) and head["pred_logits"].shape == (2, N, K)
     assert head["box_deltas"].shape == (2, N, 4)
+
+
+def test_dii_stage_composition_adds_each_residual_once():
+    torch.manual_seed(0)
+    stage = DIIStage(D, K, num_heads=4, dim_feedforward=64, dynamic_dim=8)
+    q, roi = torch.randn(2, N, D), torch.randn(2 * N, D, 7, 7)
+    content, head = stage(q, roi)
+    x = stage.attention_norm(q + stage.attention(q, q, q)[0]).reshape(2 * N, D)
+    x = stage.dynamic_norm(x + stage.dynamic_conv(x, roi))
+    x = stage.ffn.norm(x + stage.ffn.net(x)).view(2, N, D)
+    torch.testing.assert_close(content, x)
+    torch.testing.assert_close(head["pred_logits"], stage.output.fc_cls(stage.output.cls_fcs(x)))
+    torch.testing.assert_close(head["box_deltas"], stage.output.fc_reg(stage.output.reg_fcs(x)))
 
 
 def test_sparse_rcnn_output_contract(srcnn, images):
@@ -247,7 +263,7 @@ def test_sparse_rcnn_zero_reg_decodes_whole_unpadded_image(srcnn, images):
 # ---------------------------------------------------------------- gradients and detaching (1.2 "Box update", 3.2)
 @pytest.mark.parametrize("drmm", [False, True])
 def test_stage0_boxes_learn_later_boxes_are_detached(drmm, images):
-    model = _tiny(drmm=drmm, num_stages=2)
+    model = _tiny(drmm=drmm, backbone=MB, num_stages=2)
     out = model(images, SIZES)
     out["stages"][1]["pred_boxes"].sum().backward(retain_graph=True)
     assert model.init_proposal_boxes.weight.grad is None  # stage-1 input boxes detached
@@ -260,7 +276,7 @@ def test_stage0_boxes_learn_later_boxes_are_detached(drmm, images):
     assert out["stages"][0]["pred_boxes"].grad_fn is not None
 
 
-@pytest.mark.parametrize("drmm,backbone", [(False, "resnet18"), (True, "mobilenet_v2")])
+@pytest.mark.parametrize("drmm,backbone", [(False, "resnet18"), (True, MB)])
 def test_every_trainable_parameter_gets_a_finite_gradient(drmm, backbone, images):
     model = _tiny(drmm=drmm, backbone=backbone, num_stages=2)
     out = model(images, SIZES)
@@ -293,6 +309,6 @@ def test_bad_inputs_raise(srcnn, images):
     with pytest.raises(ValueError, match="image_sizes"):
         srcnn(images, torch.tensor([[48, 80], [64, 128]]))
     with pytest.raises(ValueError, match="num_stages"):
-        _tiny(num_stages=0)
+        _tiny(backbone=MB, num_stages=0)
     with pytest.raises(ValueError, match="grid"):
-        _tiny(drmm=True, num_queries=7)
+        _tiny(drmm=True, backbone=MB, num_queries=7)
