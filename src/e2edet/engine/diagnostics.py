@@ -41,21 +41,52 @@ def _xyxy(xywh: np.ndarray) -> np.ndarray:
     return out
 
 
-def _check_detections(detections: Sequence[Mapping[str, Any]], image_ids: set, cat_ids: set) -> None:
-    """Raise ValueError naming the first malformed detection."""
-    for i, det in enumerate(detections):
-        missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in det]
-        if missing:
-            raise ValueError(f"detection {i} lacks keys {missing} (COCO results format expected)")
-        if len(det["bbox"]) != 4:
-            raise ValueError(f"detection {i}: bbox must be [x, y, w, h], got {det['bbox']!r}")
-        if int(det["image_id"]) not in image_ids:
-            raise ValueError(f"detection {i}: image id {det['image_id']} is not in the ground-truth annotations")
-        if int(det["category_id"]) not in cat_ids:
-            raise ValueError(f"detection {i}: category id {det['category_id']} is not in the ground truth "
-                             f"(known: {sorted(cat_ids)})")
-        if not np.isfinite(float(det["score"])) or not np.all(np.isfinite(np.asarray(det["bbox"], float))):
-            raise ValueError(f"detection {i}: non-finite score or bbox ({det['score']!r}, {det['bbox']!r})")
+def _detection_arrays(detections: Sequence[Mapping[str, Any]], image_ids: np.ndarray, cat_ids: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(image_id [D] int64, category_id [D] int64, xyxy [D, 4] float64, score [D] float64)`` of COCO results.
+
+    Raises ValueError naming the first malformed detection (missing key, bbox not 4 finite numbers, non-finite
+    score, image or category id absent from the ground truth).
+    """
+    n = len(detections)
+    try:
+        img = np.array([d["image_id"] for d in detections], dtype=np.int64).reshape(n)
+        cat = np.array([d["category_id"] for d in detections], dtype=np.int64).reshape(n)
+        score = np.array([d["score"] for d in detections], dtype=np.float64).reshape(n)
+        box = np.array([d["bbox"] for d in detections], dtype=np.float64).reshape(n, 4)
+    except (KeyError, TypeError, ValueError):  # find the culprit for the message
+        for i, det in enumerate(detections):
+            missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in det]
+            if missing:
+                raise ValueError(f"detection {i} lacks keys {missing} (COCO results format expected)") from None
+            if np.asarray(det["bbox"]).shape != (4,):
+                raise ValueError(f"detection {i}: bbox must be [x, y, w, h], got {det['bbox']!r}") from None
+        raise
+    bad = ~np.isfinite(score) | ~np.isfinite(box).all(axis=1)
+    for mask, what in ((bad, "non-finite score or bbox"), (~np.isin(img, image_ids), "image id not in the ground "
+                       "truth"), (~np.isin(cat, cat_ids), f"category id not in the ground truth {cat_ids.tolist()}")):
+        if mask.any():
+            i = int(np.flatnonzero(mask)[0])
+            raise ValueError(f"detection {i} (image id {img[i]}, category id {cat[i]}, score {score[i]}, bbox "
+                             f"{detections[i]['bbox']}): {what}")
+    return img, cat, _xyxy(box), score
+
+
+def _gt_by_image(coco: Any) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """``{image_id: (xyxy [G, 4], category_id [G], iscrowd [G] bool, annotation id [G])}`` of the ground truth."""
+    grouped: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    for ann in coco.dataset.get("annotations", []):
+        grouped[int(ann["image_id"])].append(ann)
+    return {img: (_xyxy(np.array([a["bbox"] for a in anns], dtype=np.float64)),
+                  np.array([int(a["category_id"]) for a in anns], dtype=np.int64),
+                  np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool),
+                  np.array([int(a["id"]) for a in anns], dtype=np.int64))
+            for img, anns in grouped.items()}
+
+
+def _area(b: np.ndarray) -> np.ndarray:
+    """Areas ``[N]`` of xyxy boxes ``[N, 4]``."""
+    return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
 
 
 def match_detections(coco_gt: Any, detections: Sequence[Mapping[str, Any]], iou_thresh: float = 0.5
@@ -87,49 +118,37 @@ def match_detections(coco_gt: Any, detections: Sequence[Mapping[str, Any]], iou_
     if not 0.0 < iou_thresh <= 1.0:
         raise ValueError(f"iou_thresh must be in (0, 1], got {iou_thresh}")
     coco = _as_coco(coco_gt)
-    _check_detections(detections, set(coco.getImgIds()), set(coco.getCatIds()))
-    gts: dict[tuple[int, int], list[Mapping[str, Any]]] = defaultdict(list)
-    for ann in coco.dataset.get("annotations", []):
-        gts[int(ann["image_id"]), int(ann["category_id"])].append(ann)
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, det in enumerate(detections):
-        groups[int(det["image_id"]), int(det["category_id"])].append(i)
-
+    img, cat, boxes, score = _detection_arrays(detections, np.array(sorted(coco.getImgIds()), dtype=np.int64),
+                                               np.array(sorted(coco.getCatIds()), dtype=np.int64))
     n = len(detections)
-    out = {"score": np.array([float(d["score"]) for d in detections], dtype=np.float64),
-           "is_tp": np.zeros(n, bool), "is_ignored": np.zeros(n, bool), "is_duplicate": np.zeros(n, bool),
-           "best_iou": np.zeros(n, np.float64), "best_gt_id": np.full(n, -1, np.int64),
-           "matched_gt_id": np.full(n, -1, np.int64)}
-    for key, idx in groups.items():
-        idx = np.asarray(idx)
-        idx = idx[np.argsort(-out["score"][idx], kind="stable")]
-        boxes = _xyxy(np.array([detections[i]["bbox"] for i in idx], dtype=np.float64))
-        anns = gts.get(key, [])
-        normal = [a for a in anns if not a.get("iscrowd", 0)]
-        crowd = [a for a in anns if a.get("iscrowd", 0)]
-        if crowd:
-            inter = _pairwise_inter(boxes, _xyxy(np.array([a["bbox"] for a in crowd])))
-            det_area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[:, None]
-            crowd_iou = np.divide(inter, det_area, out=np.zeros_like(inter), where=det_area > 0)
-            in_crowd = (crowd_iou >= iou_thresh).any(axis=1)
-        else:
-            in_crowd = np.zeros(len(idx), bool)
-        if not normal:
-            out["is_ignored"][idx] = in_crowd
-            continue
-        gt_boxes = _xyxy(np.array([a["bbox"] for a in normal]))
-        gt_ids = np.array([int(a["id"]) for a in normal], dtype=np.int64)
-        inter = _pairwise_inter(boxes, gt_boxes)
-        area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
-        union = area(boxes)[:, None] + area(gt_boxes)[None, :] - inter
+    out = {"score": score, "is_tp": np.zeros(n, bool), "is_ignored": np.zeros(n, bool),
+           "is_duplicate": np.zeros(n, bool), "best_iou": np.zeros(n, np.float64),
+           "best_gt_id": np.full(n, -1, np.int64), "matched_gt_id": np.full(n, -1, np.int64)}
+    order = np.argsort(-score, kind="stable")
+    order = order[np.argsort(img[order], kind="stable")]  # by image, then by descending score
+    gts = _gt_by_image(coco)
+    starts = np.flatnonzero(np.r_[True, img[order][1:] != img[order][:-1]]) if n else np.zeros(0, np.int64)
+    for idx in np.split(order, starts[1:]) if n else []:
+        if int(img[idx[0]]) not in gts:
+            continue  # every detection of an image without ground truth is a FP
+        gt_boxes, gt_cat, gt_crowd, gt_ids = gts[int(img[idx[0]])]
+        same = cat[idx][:, None] == gt_cat[None, :]  # class-aware: [D, G]
+        inter = _pairwise_inter(boxes[idx], gt_boxes)
+        det_area = _area(boxes[idx])[:, None]
+        union = det_area + _area(gt_boxes)[None, :] - inter
         iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        iou[~same | gt_crowd[None, :]] = 0.0  # IoU with same-class non-crowd GT only
+        crowd_iou = np.divide(inter, det_area, out=np.zeros_like(inter), where=det_area > 0)
+        in_crowd = ((crowd_iou >= iou_thresh) & same & gt_crowd[None, :]).any(axis=1)
         best = iou.argmax(axis=1)
-        out["best_iou"][idx] = iou[np.arange(len(idx)), best]
-        out["best_gt_id"][idx] = np.where(out["best_iou"][idx] > 0, gt_ids[best], -1)
+        best_iou = iou[np.arange(len(idx)), best]
+        out["best_iou"][idx] = best_iou
+        out["best_gt_id"][idx] = np.where(best_iou > 0, gt_ids[best], -1)
         hits = iou >= iou_thresh
-        out["is_ignored"][idx] = in_crowd & ~hits.any(axis=1)  # provisional; fixed below for overlapping ones
-        matched = np.zeros(len(normal), bool)
-        for row in np.flatnonzero(hits.any(axis=1)):  # visiting order = descending score
+        any_hit = hits.any(axis=1)
+        out["is_ignored"][idx] = in_crowd & ~any_hit  # the overlapping ones are decided below
+        matched = np.zeros(len(gt_ids), bool)
+        for row in np.flatnonzero(any_hit):  # visiting order = descending score
             free = hits[row] & ~matched
             if free.any():
                 g = int(np.argmax(np.where(free, iou[row], -1.0)))
