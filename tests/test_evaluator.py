@@ -123,7 +123,7 @@ class _FixedDetector(nn.Module):
         self.table = table
         self.weight = nn.Parameter(torch.zeros(()))
 
-    def forward(self, images):
+    def forward(self, images, image_sizes=None):
         rows = [self.table[int(img[0, 0, 0])] for img in images]
         return {"dets": [torch.tensor(r, dtype=torch.float32) for r in rows]}
 
@@ -211,9 +211,10 @@ def test_evaluate_reports_diagnostics(tmp_path):
 
     rows = {line.split()[0]: line.split()[1:] for line in format_results_table(res).splitlines()[1:]}
     assert rows["dup%"] == ["33.3", "0.0"] and rows["ECE"] == ["37.3", "12.5"]
-    assert list(rows)[-2:] == ["dup%", "ECE"]  # under the AP rows
-    old = {k: v for k, v in res.items() if k != "diagnostics"}  # results from before the diagnostics
-    assert format_results_table(old).splitlines()[-1].split() == ["ECE", "-", "-"]
+    assert list(rows)[-4:] == ["dup%", "ECE", "mMR", "recall"]  # under the AP rows
+    assert set(res["crowd"]["no_nms"]) == {"AP50", "mMR", "recall"}
+    old = {k: v for k, v in res.items() if k not in ("diagnostics", "crowd")}  # results from before the diagnostics
+    assert format_results_table(old).splitlines()[-1].split() == ["recall", "-", "-"]
 
     with Image.open(png) as img:
         assert img.format == "PNG"

@@ -21,12 +21,18 @@ from e2edet.config import Config
 from e2edet.models.dense.postprocess import class_probabilities
 
 
+#: Score modes whose top-k is the final output (no NMS): POTO, DeFCN, O2F, Sparse R-CNN / AdaMixer, D-RMM.
+END_TO_END_SCORES = ("cls", "cls_filter", "cls_ctr", "drmm")
+
+
 class EndToEndDetector(nn.Module):
     """Detector + top-k post-processing as one traceable module (see the module docstring for shapes).
 
     Args:
-        model: a dense detector obeying the model contract (``docs/architecture.md``).
-        score: ``cls`` (sigmoid of the logits) or ``cls_filter`` (times sigmoid of the 3DMF filter logit).
+        model: a detector obeying the model contract (``docs/architecture.md``): dense or query-based.
+        score: ``cls`` (sigmoid of the logits), ``cls_filter`` (times sigmoid of the 3DMF filter logit), ``cls_ctr``
+            (O2F: times sigmoid of the centerness logit) or ``drmm`` (D-RMM: softmax of the class logits times
+            sigmoid of the foreground logit).
         max_detections: ``N``, detections per image.
     Raises:
         ValueError: an unsupported score mode.
@@ -34,15 +40,18 @@ class EndToEndDetector(nn.Module):
 
     def __init__(self, model: nn.Module, score: str, max_detections: int):
         super().__init__()
-        if score not in ("cls", "cls_filter"):
-            raise ValueError(f"score mode {score!r} is not end-to-end (export supports cls, cls_filter)")
+        if score not in END_TO_END_SCORES:
+            raise ValueError(f"score mode {score!r} is not end-to-end (export supports {', '.join(END_TO_END_SCORES)})")
         self.model, self.score, self.max_detections = model, score, max_detections
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.model(images)
-        prob = class_probabilities(out, self.score)
+        if self.score == "drmm":
+            prob = out["pred_logits"].float().softmax(-1) * out["pred_fg"].float().sigmoid().unsqueeze(-1)
+        else:
+            prob = class_probabilities(out, self.score)
         num_classes = prob.shape[-1]
-        scores, index = prob.flatten(1).topk(self.max_detections, dim=1)
+        scores, index = prob.flatten(1).topk(min(self.max_detections, prob.shape[1] * num_classes), dim=1)
         point = torch.div(index, num_classes, rounding_mode="floor")
         boxes = out["pred_boxes"].gather(1, point.unsqueeze(-1).expand(-1, -1, 4))
         return boxes, scores, index % num_classes
@@ -62,7 +71,7 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
     """
     if cfg.test.nms_iou > 0:
         raise ValueError(f"{cfg.name} is evaluated with NMS (test.nms_iou={cfg.test.nms_iou}); export an end-to-end "
-                         "recipe (poto, poto_3dmf, defcn)")
+                         "recipe (poto, poto_3dmf, defcn, o2f, sparse_rcnn, adamixer, drmm_*)")
     if height % 32 or width % 32:
         raise ValueError(f"export size must be a multiple of 32, got {height}x{width}")
     import onnxruntime as ort

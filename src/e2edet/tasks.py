@@ -72,7 +72,7 @@ def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8) 
     def evaluate_fn(net: torch.nn.Module, epoch: int) -> dict:
         device = next(net.parameters()).device
         results = evaluate(net, postprocessor, val_loader, device, data.val.coco, data.val.label_to_cat_id,
-                           nms_iou=cfg.test.eval_nms_iou)
+                           nms_iou=cfg.test.eval_nms_iou, plot_path=run_dir / "reliability.png")
         _report(results, cfg, f"Evaluation after epoch {epoch} on {data.paths.val_json}")
         return results
 
@@ -134,10 +134,11 @@ def evaluate_weights(weights: str | Path, overrides: list[str], out: str | Path 
                           f"{list(cfg.model.class_names)}")
     loader = build_loader(data.val, cfg.train.batch_size, train=False, workers=cfg.train.workers, seed=cfg.train.seed)
     postprocessor = build_postprocessor(cfg)
-    results = evaluate(predictor.model, postprocessor, loader, predictor.device, data.val.coco,
-                       data.val.label_to_cat_id, nms_iou=cfg.test.eval_nms_iou)
     weights = Path(weights)
     out = Path(out) if out else (weights if weights.is_dir() else weights.parent) / "eval.json"
+    results = evaluate(predictor.model, postprocessor, loader, predictor.device, data.val.coco,
+                       data.val.label_to_cat_id, nms_iou=cfg.test.eval_nms_iou,
+                       plot_path=out.with_name(out.stem + "_reliability.png"))
     save_results(results, out)
     _report(results, cfg, f"{weights} on {data.paths.val_json}")
     print(f"results: {out}")

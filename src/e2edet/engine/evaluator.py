@@ -24,6 +24,7 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100
 TABLE_ROWS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 
 DIAGNOSTIC_ROWS = {"dup%": "duplicate_rate", "ECE": "ece"}
+CROWD_ROWS = {"mMR": "mMR", "recall": "recall"}
 """Table rows under :data:`TABLE_ROWS`: row name -> key of ``results["diagnostics"][column]``."""
 
 
@@ -158,7 +159,8 @@ def evaluate(
     """COCO AP and end-to-end diagnostics of ``model`` with and without NMS, running the model once per batch.
 
     Args:
-        model: detector, called as ``model(images)``; put in eval mode here.
+        model: detector, called as ``model(images, image_sizes)`` (``image_sizes`` int64 ``[B, 2]`` (h, w) of the
+            unpadded inputs); put in eval mode here.
         postprocessor: called twice on the same outputs, ``postprocessor(outputs, image_sizes, orig_sizes,
             nms_iou=None)`` and ``(..., nms_iou=nms_iou)``; ``image_sizes``/``orig_sizes`` are int64 ``[B, 2]``
             ``(h, w)`` tensors on ``device`` stacked from ``targets[i]["size"]``/``["orig_size"]``.
@@ -173,13 +175,15 @@ def evaluate(
             :func:`e2edet.engine.diagnostics.plot_reliability`).
     Returns:
         ``{"no_nms": metrics, "nms": metrics, "nms_iou": nms_iou, "num_images": n, "seconds": wall time,
-        "diagnostics": {"no_nms": diag, "nms": diag}}`` (metrics as in :meth:`CocoEvaluator.summarize`, ``diag``
-        as in :func:`e2edet.engine.diagnostics.diagnostics` with its defaults: IoU 0.5, duplicates among scores
-        >= 0.3, 20 calibration bins). Under DDP every rank returns the same numbers (computed from the
+        "diagnostics": {"no_nms": diag, "nms": diag}, "crowd": {"no_nms": crowd, "nms": crowd}}`` (metrics as in
+        :meth:`CocoEvaluator.summarize`, ``diag`` as in :func:`e2edet.engine.diagnostics.diagnostics` with its
+        defaults: IoU 0.5, duplicates among scores >= 0.3, 20 calibration bins; ``crowd`` = AP50, mMR and recall
+        of the CrowdHuman protocol, :func:`e2edet.engine.crowd_metrics.crowd_metrics`, class-aware on multi-class
+        data; ``None`` when the ground truth has no non-crowd box). Under DDP every rank returns the same numbers (computed from the
         detections gathered by the collective :meth:`CocoEvaluator.summarize`).
     """
-    from e2edet.engine.diagnostics import diagnostics, plot_reliability  # imports this module
-
+    from e2edet.engine.crowd_metrics import crowd_metrics  # both import this module
+    from e2edet.engine.diagnostics import diagnostics, plot_reliability
 
     device = torch.device(device)
     was_training = model.training
@@ -189,8 +193,8 @@ def evaluate(
     try:
         for images, targets in tqdm(loader, desc="eval", disable=not (progress and is_main_process()),
                                     dynamic_ncols=True, leave=False):
-            outputs = model(images.to(device, non_blocking=True))
             sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(device)
+            outputs = model(images.to(device, non_blocking=True), sizes)
             orig = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).to(device)
             ids = [int(t["image_id"]) for t in targets]
             plain.update(ids, postprocessor(outputs, sizes, orig, nms_iou=None))
@@ -202,6 +206,9 @@ def evaluate(
     # summarize() synchronised both evaluators (collective), so every rank holds all detections here
     results["diagnostics"] = {"no_nms": diagnostics(plain.coco_gt, plain.detections()),
                               "nms": diagnostics(with_nms.coco_gt, with_nms.detections())}
+    has_gt = any(not a.get("iscrowd", 0) for a in plain.coco_gt.dataset.get("annotations", []))
+    results["crowd"] = {name: crowd_metrics(ev.coco_gt, ev.detections()) if has_gt else None
+                        for name, ev in (("no_nms", plain), ("nms", with_nms))}
     if plot_path is not None and is_main_process():
         plot_reliability({"no NMS": results["diagnostics"]["no_nms"],
                           f"NMS {nms_iou:g}": results["diagnostics"]["nms"]}, plot_path,
@@ -214,8 +221,8 @@ def evaluate(
 def format_results_table(results: Mapping[str, Any]) -> str:
     """Text table of :func:`evaluate` results, columns "no NMS" and "NMS <iou>".
 
-    Rows AP ... AR100, then "dup%" (duplicate rate, percent) and "ECE" (percent) from ``results["diagnostics"]``;
-    a missing value shows as "-".
+    Rows AP ... AR100, then "dup%" (duplicate rate, percent) and "ECE" (percent) from ``results["diagnostics"]``,
+    and "mMR" / "recall" (CrowdHuman protocol, percent) from ``results["crowd"]``; a missing value shows as "-".
     """
     nms_name = f"NMS {results.get('nms_iou', 0.6):g}"
     lines = [f"{'metric':<8}{'no NMS':>10}{nms_name:>10}"]
@@ -225,13 +232,14 @@ def format_results_table(results: Mapping[str, Any]) -> str:
             value = (results.get(column) or {}).get(row)
             cells.append("-" if value is None or value < 0 else f"{value:.1f}")
         lines.append(f"{row:<8}{cells[0]:>10}{cells[1]:>10}")
-    diag = results.get("diagnostics") or {}
-    for row, key in DIAGNOSTIC_ROWS.items():
-        cells = []
-        for column in ("no_nms", "nms"):
-            value = (diag.get(column) or {}).get(key)
-            cells.append("-" if value is None else f"{value:.1f}")
-        lines.append(f"{row:<8}{cells[0]:>10}{cells[1]:>10}")
+    for section, rows in (("diagnostics", DIAGNOSTIC_ROWS), ("crowd", CROWD_ROWS)):
+        block = results.get(section) or {}
+        for row, key in rows.items():
+            cells = []
+            for column in ("no_nms", "nms"):
+                value = (block.get(column) or {}).get(key)
+                cells.append("-" if value is None else f"{value:.1f}")
+            lines.append(f"{row:<8}{cells[0]:>10}{cells[1]:>10}")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ __all__ = ["xyzr_to_xyxy", "xyxy_to_xyzr", "initial_xyzr", "refine_xyzr", "posit
 def xyzr_to_xyxy(xyzr: Tensor) -> Tensor:
     """``[..., 4]`` (x, y, z, r) -> ``[..., 4]`` xyxy pixels: w = 2^(z - r/2), h = 2^(z + r/2) (``decode_box``)."""
     x, y, z, r = xyzr.unbind(-1)
-    w, h = torch.exp2(z - 0.5 * r), torch.exp2(z + 0.5 * r)
+    w, h = torch.pow(2.0, z - 0.5 * r), torch.pow(2.0, z + 0.5 * r)
     return torch.stack([x - 0.5 * w, y - 0.5 * h, x + 0.5 * w, y + 0.5 * h], dim=-1)
 
 
@@ -55,7 +55,7 @@ def initial_xyzr(sizes: Tensor, num_queries: int) -> Tensor:
 def refine_xyzr(xyzr: Tensor, delta: Tensor) -> Tensor:
     """Box update (``refine_xyzr``): x += dx·2^z, y += dy·2^z, z += dz, r += dr. ``[..., 4]`` -> ``[..., 4]``; the
     center moves in units of sqrt(w·h) = 2^z pixels."""
-    scale = torch.exp2(xyzr[..., 2:3])
+    scale = torch.pow(2.0, xyzr[..., 2:3])
     return torch.cat([xyzr[..., :2] + delta[..., :2] * scale, xyzr[..., 2:] + delta[..., 2:]], dim=-1)
 
 
@@ -173,7 +173,7 @@ def sampling_3d(points: Tensor, features: list[Tensor], strides: list[int] | tup
 
 def joint_layer_norm(x: Tensor) -> Tensor:
     """Layer norm over the last TWO dims jointly (points x channels), no affine (AdaptiveMixing, spec 2.9)."""
-    return F.layer_norm(x, x.shape[-2:])
+    return F.layer_norm(x, [int(s) for s in x.shape[-2:]])  # python ints: static shapes for ONNX export
 
 
 class AdaptiveMixing(nn.Module):
