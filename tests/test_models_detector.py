@@ -115,3 +115,40 @@ def test_hparams_rebuild_and_point_cache():
     clone.load_state_dict(model.state_dict())
     first = model._anchor_points(SIZES, torch.device("cpu"))
     assert model._anchor_points(SIZES, torch.device("cpu")) is first
+
+
+def test_o2f_centerness_branch_is_three_64_channel_convs_then_one():
+    # spec 3.2: 3 x [3x3 conv + GN(32) + ReLU], C -> 64 -> 64 -> 64, then conv_centerness 3x3 64 -> 1 on the reg tower
+    torch.manual_seed(0)
+    head = DenseHead(256, num_classes=3, num_convs=1, centerness=True, ctr_convs=3, ctr_channels=64)
+    layers = list(head.ctr_tower)
+    assert len(layers) == 9
+    convs, norms, relus = layers[0::3], layers[1::3], layers[2::3]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+        (256, 64, (3, 3), (1, 1)), (64, 64, (3, 3), (1, 1)), (64, 64, (3, 3), (1, 1))]
+    assert all(isinstance(n, torch.nn.GroupNorm) and n.num_groups == 32 and n.num_channels == 64 for n in norms)
+    assert all(isinstance(r, torch.nn.ReLU) for r in relus)
+    c = head.centerness
+    assert (c.in_channels, c.out_channels, c.kernel_size, c.padding) == (64, 1, (3, 3), (1, 1))
+    for conv in [*convs, c]:
+        assert conv.weight.std().item() == pytest.approx(0.01, rel=0.2) and torch.all(conv.bias == 0)
+    feats = [torch.randn(2, 256, h, w) for h, w in SIZES]
+    out = head(feats)
+    with torch.no_grad():
+        manual = c(head.ctr_tower(head.reg_tower(feats[2])))
+    torch.testing.assert_close(out["centerness"][2], manual)
+    assert [x.shape for x in out["centerness"]] == [(2, 1, h, w) for h, w in SIZES]
+    # ctr_convs = 0: the FCOS branch, one conv C -> 1 straight on the reg tower
+    fcos = DenseHead(256, num_classes=3, num_convs=1, centerness=True)
+    assert fcos.ctr_tower is None and fcos.centerness.in_channels == 256
+
+
+def test_detector_passes_o2f_centerness_convs():
+    model = _tiny(centerness=True, ctr_convs=3, ctr_channels=16)
+    convs = [m for m in model.head.ctr_tower if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.in_channels, m.out_channels) for m in convs] == [(32, 16), (16, 16), (16, 16)]
+    assert model.head.centerness.in_channels == 16
+    assert model.hparams["ctr_convs"] == 3 and model.hparams["ctr_channels"] == 16
+    out = model(torch.randn(1, 3, 64, 96))
+    assert out["pred_ctr"].shape == (1, R)
+    DenseDetector(**model.hparams).load_state_dict(model.state_dict())

@@ -55,7 +55,7 @@ class DenseCriterion(nn.Module):
 
     Args:
         num_classes: ``K``.
-        assigner: ``"fcos"``, ``"poto"`` or ``"poto_argmax"``.
+        assigner: ``"fcos"``, ``"poto"``, ``"poto_argmax"`` or ``"o2f"``.
         score: ``"cls"``, ``"cls_filter"`` (needs ``outputs["pred_filter"]``) or ``"cls_ctr"`` (needs
             ``outputs["pred_ctr"]``; O2F's joint score); the product scores use the probability-space focal loss with
             POTO.
@@ -159,7 +159,7 @@ class DenseCriterion(nn.Module):
         Args:
             outputs: model output dict (``docs/architecture.md``): ``pred_logits [B, R, K]``, ``pred_boxes
                 [B, R, 4]`` (decoded xyxy pixels), ``points [R, 2]``, ``strides [R]``, ``levels [R]``,
-                ``num_points_per_level`` (list[int], for ``aux``), ``pred_ctr [B, R]`` (FCOS) and
+                ``num_points_per_level`` (list[int], for ``aux``), ``pred_ctr [B, R]`` (FCOS, O2F) and
                 ``pred_filter [B, R]`` (``score="cls_filter"``).
             targets: B dicts with ``boxes float32 [G, 4]`` xyxy pixels and ``labels int64 [G]`` (``G = 0`` allowed).
             epoch, max_epoch: 0-based epoch and number of epochs of the run (the trainer passes them every step,
@@ -214,7 +214,10 @@ class DenseCriterion(nn.Module):
             "num_fg_per_gt": num_pos.detach().float() / max(num_gt, 1),
         }
         if self.assigner_name == "o2f":
-            stats["num_soft"] = (pos & (assignment.weights != self.assigner.max_soft_weight)).sum().float()
+            # certain positives have (s, w) = (1, max_soft_weight); testing the weight alone would count no soft
+            # anchor when soft_weight == max_soft_weight
+            certain = (assignment.soft_targets == 1.0) & (assignment.weights == self.assigner.max_soft_weight)
+            stats["num_soft"] = (pos & ~certain).sum().float()
             stats["soft_t"] = torch.tensor(soft_target_scale(epoch, max_epoch, self.assigner.max_t,
                                                              self.assigner.min_t), device=logits.device)
         if self.aux_assigner is not None:
