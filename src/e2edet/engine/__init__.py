@@ -2,6 +2,8 @@
 
 from e2edet.engine.checkpoint import load_checkpoint, load_model_weights, load_weights, save_checkpoint, unwrap_model
 from e2edet.engine.device import init_distributed, select_device
+from e2edet.engine.crowd_metrics import crowd_metrics
+from e2edet.engine.diagnostics import diagnostics, plot_reliability
 from e2edet.engine.evaluator import CocoEvaluator, evaluate, format_results_table, save_results
 from e2edet.engine.logger import MetricsLogger, plot_losses, read_metrics
 from e2edet.engine.optim import build_optimizer, build_scheduler, lr_at
@@ -10,6 +12,9 @@ from e2edet.engine.trainer import Trainer
 
 __all__ = [
     "CocoEvaluator",
+    "crowd_metrics",
+    "diagnostics",
+    "plot_reliability",
     "MetricsLogger",
     "Trainer",
     "build_optimizer",
