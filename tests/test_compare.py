@@ -17,8 +17,10 @@ QUERY_TINY = ["model.num_queries=10", "model.num_stages=2", "model.dim_feedforwa
 def _summary(run_dir, ap, nms_iou=0.0):
     run_dir.mkdir(parents=True)
     coco = {"AP": ap, "AP50": ap + 20}
+    rel = {"edges": [0.0, 0.5, 1.0], "counts": [3, 1], "confidences": [0.2, 0.9], "precisions": [0.33, 1.0]}
     ev = {"no_nms": coco, "nms": {"AP": ap + 1, "AP50": ap + 21}, "nms_iou": 0.6,
-          "diagnostics": {"no_nms": {"duplicate_rate": 12.5, "ece": 7.0}, "nms": {"duplicate_rate": 0.0, "ece": 9.0}},
+          "diagnostics": {"no_nms": {"duplicate_rate": 12.5, "ece": 7.0, "reliability": rel},
+                          "nms": {"duplicate_rate": 0.0, "ece": 9.0, "reliability": rel}},
           "crowd": {"no_nms": {"AP50": 50.0, "mMR": 60.0, "recall": 90.0},
                     "nms": {"AP50": 51.0, "mMR": 55.0, "recall": 80.0}}}
     (run_dir / "summary.json").write_text(json.dumps({"recipe": run_dir.name, "iterations": 10, "sec_per_iter": 0.5,
@@ -46,6 +48,7 @@ def test_compare_reuses_finished_runs_and_writes_reports(tmp_path, capsys):
     report = json.loads((tmp_path / "compare.json").read_text())
     assert report["overrides"] == ["data=bccd", "iters=3"] and report["rows"][0]["ap_no_nms"] == 35.0
     assert "overrides: data=bccd iters=3" in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "reliability.png").stat().st_size > 0
     with pytest.raises(ConfigError, match="output"):
         compare(["defcn_mnv2_cpu"], ["output=x"], tmp_path)
     assert main(["compare", "no_such_recipe", "--out", str(tmp_path)]) == 2

@@ -2,7 +2,8 @@
 
 Each recipe is trained by ``e2edet train`` in its own subprocess (so its peak memory is its own and a failing recipe
 does not stop the others), with the same overrides (dataset, iterations, seed, ...). The table is printed and written
-as ``compare.md`` and ``compare.json`` in the output folder; the runs are in ``OUT/runs/<recipe>``.
+as ``compare.md`` and ``compare.json`` in the output folder, with ``reliability.png``: the reliability diagrams of all
+recipes (their own post-processing) on one plot; the runs are in ``OUT/runs/<recipe>``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def row_from_run(recipe: str, run_dir: Path) -> dict[str, Any]:
     diag, crowd = ev.get("diagnostics") or {}, ev.get("crowd") or {}
     return {
         "recipe": recipe,
+        "reliability": (diag.get(own) or {}).get("reliability"),
         "post": "NMS" if own == "nms" else "no NMS",
         "ap_no_nms": (ev.get("no_nms") or {}).get("AP"),
         "ap_nms": (ev.get("nms") or {}).get("AP"),
@@ -124,6 +126,12 @@ def compare(recipes: Sequence[str], overrides: Sequence[str], out_dir: str | Pat
     header = f"# e2edet compare\n\nrecipes: {' '.join(recipes)}\noverrides: {' '.join(overrides) or '(none)'}\n\n"
     _write(out_dir / "compare.md", header + table)
     _write(out_dir / "compare.json", json.dumps({"overrides": list(overrides), "rows": rows}, indent=2))
+    curves = {f"{r['recipe']} ({r['post']})": {"ece": r["ece"], "reliability": r["reliability"]}
+              for r in rows if r.get("reliability") and r.get("ece") is not None}
+    if curves:
+        from e2edet.engine.diagnostics import plot_reliability
+
+        plot_reliability(curves, out_dir / "reliability.png", title="Reliability (TP at IoU >= 0.5), own post-processing")
     print("\n" + table)
     print(f"written: {out_dir / 'compare.md'}, {out_dir / 'compare.json'}")
     return rows
