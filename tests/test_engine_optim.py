@@ -91,3 +91,17 @@ def test_bad_inputs():
         build_scheduler(opt, _cfg(), 0)
     with pytest.raises(ValueError, match="fractions"):
         build_scheduler(opt, _cfg(steps=(0.5, 2.0)), 10)
+
+
+def test_swin_position_tables_get_the_norm_weight_decay():
+    from types import SimpleNamespace
+
+    from e2edet.engine.optim import build_optimizer
+    from e2edet.models.backbone import build_backbone
+
+    model = build_backbone("swin_t", pretrained=False, freeze_at=0)
+    cfg = SimpleNamespace(optimizer="adamw", lr=1e-4, weight_decay=0.05, weight_decay_norm=0.0, momentum=0.9)
+    groups = {g["name"]: g for g in build_optimizer(model, cfg).param_groups}
+    tables = {id(p) for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")}
+    assert tables and tables <= {id(p) for p in groups["norm"]["params"]}
+    assert groups["norm"]["weight_decay"] == 0.0 and groups["default"]["weight_decay"] == 0.05

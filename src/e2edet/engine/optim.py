@@ -37,6 +37,10 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES) or re.search(r"Norm(\d+d)?$", type(module).__name__) is not None
 
 
+#: Parameter names that get ``weight_decay_norm`` like normalisation layers: Swin's relative position bias tables.
+NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+
+
 def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     """Build SGD (with momentum) or AdamW over the trainable parameters of ``model``.
 
@@ -45,7 +49,8 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
             shared by several modules is added once.
         cfg: object with ``optimizer`` (``"sgd"`` or ``"adamw"``), ``lr``, ``momentum`` (SGD only),
             ``weight_decay`` and ``weight_decay_norm`` (applied to parameters owned by normalisation layers:
-            BatchNorm, GroupNorm, LayerNorm, InstanceNorm; frozen BatchNorm has no parameters).
+            BatchNorm, GroupNorm, LayerNorm, InstanceNorm; frozen BatchNorm has no parameters; and to Swin's
+            position tables, :data:`NO_DECAY_NAMES`, as the Swin detection configs do: ``specs/dense.md`` 3.6).
     Returns:
         The optimizer, with up to two parameter groups named ``"default"`` and ``"norm"`` (key ``"name"``).
     Raises:
@@ -55,11 +60,11 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     default: list[nn.Parameter] = []
     norm: list[nn.Parameter] = []
     for module in model.modules():
-        for param in module.parameters(recurse=False):
+        for pname, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            (norm if _is_norm(module) else default).append(param)
+            (norm if _is_norm(module) or pname in NO_DECAY_NAMES else default).append(param)
     if not seen:
         raise ValueError("build_optimizer: the model has no trainable parameters (all requires_grad=False)")
     groups = [
