@@ -175,3 +175,24 @@ def test_bad_inputs_raise():
         HungarianMatcher()(logits, boxes, [{"boxes": tgt["boxes"], "labels": torch.tensor([0])}])
     with pytest.raises(ValueError, match="pred_boxes"):
         HungarianMatcher()(logits, boxes[:, :1], [tgt])
+
+
+def test_match_stages_equals_per_stage_matching_with_one_host_copy(monkeypatch):
+    import e2edet.assign.set_matcher as sm
+
+    torch.manual_seed(3)
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 20.0, 30.0], [10.0, 5.0, 60.0, 40.0]]), "labels": torch.tensor([1, 0]),
+                "size": torch.tensor([64, 64])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "size": torch.tensor([64, 48])}]
+    stages = [{"pred_logits": torch.randn(2, 5, 3), "pred_boxes": torch.rand(2, 5, 4).cumsum(-1) * 20}
+              for _ in range(3)]
+    matcher = sm.HungarianMatcher()
+    expected = [matcher(s["pred_logits"], s["pred_boxes"], targets) for s in stages]
+    calls = []
+    real = sm.linear_assignment
+    monkeypatch.setattr(sm, "linear_assignment", lambda m, maximize: calls.append(len(m)) or real(m, maximize))
+    got = matcher.match_stages(stages, targets)
+    assert calls == [6]  # one solver call (one host copy) for 3 stages x 2 images
+    for exp_stage, got_stage in zip(expected, got):
+        for (ep, eg), (gp, gg) in zip(exp_stage, got_stage):
+            assert torch.equal(ep, gp) and torch.equal(eg, gg)

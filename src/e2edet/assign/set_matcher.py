@@ -178,5 +178,19 @@ class HungarianMatcher:
             predictions' device, **sorted by ``gt_idx``** (ascending); an image with ``G_b = 0`` gives two empty
             tensors. Every matched pair is returned, including pairs whose cost was non-finite.
         """
-        matches = linear_assignment(self.cost_matrices(pred_logits, pred_boxes, targets), maximize=False)
-        return [(cols, rows) for rows, cols in matches]
+        return self.match_stages([{"pred_logits": pred_logits, "pred_boxes": pred_boxes}], targets)[0]
+
+    @torch.no_grad()
+    def match_stages(self, stages: list[dict], targets: list[dict]) -> list[list[tuple[Tensor, Tensor]]]:
+        """Match the predictions of every decoder stage with **one** host round trip for the whole training step.
+
+        Args:
+            stages: per stage a dict with ``pred_logits [B, N, K]`` and ``pred_boxes [B, N, 4]`` (xyxy pixels).
+            targets: as in :meth:`cost_matrices`.
+        Returns:
+            per stage, the list of per-image ``(pred_idx, gt_idx)`` pairs of :meth:`__call__`.
+        """
+        costs = [self.cost_matrices(s["pred_logits"], s["pred_boxes"], targets) for s in stages]
+        flat = linear_assignment([c for per_stage in costs for c in per_stage], maximize=False)
+        batch = len(targets)
+        return [[(cols, rows) for rows, cols in flat[i * batch:(i + 1) * batch]] for i in range(len(stages))]

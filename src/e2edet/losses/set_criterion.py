@@ -25,7 +25,8 @@ class SetCriterion(nn.Module):
     Per stage ``s`` (``outputs["stages"][s]``, stage 0 first; each stage weighs 1):
 
     - match the **detached** predictions with ``matcher`` (default :class:`~e2edet.assign.set_matcher.
-      HungarianMatcher` with costs 2 / 5 / 2 on normalised xyxy and this criterion's focal parameters);
+      HungarianMatcher` with costs 2 / 5 / 2 on normalised xyxy and this criterion's focal parameters; its
+      ``match_stages`` solves all stages with one device-to-host copy per training step);
     - ``stage{s}_loss_cls`` = ``cls_weight`` · sigmoid focal loss (:func:`e2edet.losses.focal.sigmoid_focal_loss`)
       summed over all ``N`` queries x ``K`` classes, one-hot targets for matched queries, all-zero rows for the
       unmatched ones (background);
@@ -103,14 +104,18 @@ class SetCriterion(nn.Module):
         num_matched = sum(min(num_queries, g) for g in counts)
         avg_factor = reduce_mean(float(num_matched), device=device).clamp(min=1.0)
 
-        result: dict[str, Tensor] = {}
         for s, stage in enumerate(stages):
+            if stage["pred_logits"].shape[-1] != self.num_classes:
+                raise ValueError(f"stage {s}: pred_logits has {stage['pred_logits'].shape[-1]} classes, criterion "
+                                 f"expects {self.num_classes}")
+        if hasattr(self.matcher, "match_stages"):  # all stages solved with one host round trip per step
+            all_matches = self.matcher.match_stages(stages, targets)
+        else:
+            all_matches = [self.matcher(s["pred_logits"].detach(), s["pred_boxes"].detach(), targets) for s in stages]
+
+        result: dict[str, Tensor] = {}
+        for s, (stage, matches) in enumerate(zip(stages, all_matches)):
             logits, boxes = stage["pred_logits"], stage["pred_boxes"]
-            if logits.shape[-1] != self.num_classes:
-                raise ValueError(
-                    f"stage {s}: pred_logits has {logits.shape[-1]} classes, criterion expects {self.num_classes}"
-                )
-            matches = self.matcher(logits.detach(), boxes.detach(), targets)
             batch_idx = torch.cat([torch.full_like(p, b) for b, (p, _) in enumerate(matches)])
             query_idx = torch.cat([p for p, _ in matches])
             gt_idx = torch.cat([g + offsets[b] for b, (_, g) in enumerate(matches)])
