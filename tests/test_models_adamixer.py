@@ -1,5 +1,5 @@
 """AdaMixer (and D-RMM + AdaMixer) model: operators, stage, init and the output contract (spec query.md 2.2, 2.8,
-2.9, 3.10; QUERY_CONTRACT.md)."""
+2.9, 3.10; docs/architecture.md "Query model output")."""
 
 import inspect
 import math

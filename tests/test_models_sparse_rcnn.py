@@ -1,5 +1,5 @@
 """Sparse R-CNN and D-RMM + Sparse R-CNN model: DynamicConv sizes, box decode, RoI pooling, stage chaining, output
-contract (spec query.md 1.2, 1.8 #1 #2 #5 #6 #10, 3.2, 3.8 #1 #2 #17; QUERY_CONTRACT.md)."""
+contract (spec query.md 1.2, 1.8 #1 #2 #5 #6 #10, 3.2, 3.8 #1 #2 #17; docs/architecture.md "Query model output")."""
 
 import copy
 import inspect

@@ -236,7 +236,7 @@ class DRMMCriterion(nn.Module):
         """Compute the stage losses of one batch.
 
         Args:
-            outputs: ``{"stages": [stage dicts]}`` (``QUERY_CONTRACT.md``); each stage dict holds
+            outputs: ``{"stages": [stage dicts]}`` (``docs/architecture.md``); each stage dict holds
                 ``pred_logits [B, N, K]`` class logits, ``pred_fg [B, N]`` fg logits, ``pred_boxes [B, N, 4]``
                 mu (xyxy pixels of the network input), ``pred_scales [B, N, 4]`` softplus scales (pixels, > 0,
                 before the floor).

@@ -74,7 +74,7 @@ class SetCriterion(nn.Module):
         """Compute the losses of one batch.
 
         Args:
-            outputs: model output dict (``QUERY_CONTRACT``): ``"stages"``, a list of per-stage dicts with
+            outputs: model output dict (``docs/architecture.md``): ``"stages"``, a list of per-stage dicts with
                 ``pred_logits`` ``[B, N, K]`` sigmoid logits and ``pred_boxes`` ``[B, N, 4]`` xyxy pixels of the
                 network input.
             targets: B dicts with ``boxes`` float32 ``[G_b, 4]`` xyxy pixels, ``labels`` int64 ``[G_b]`` and

@@ -1,5 +1,5 @@
 """AdaMixer detector (CVPR 2022) and its D-RMM variant: backbone C2-C5 -> ``ChannelMapping`` -> fixed whole-image
-xyzr queries -> 6 ``AdaMixerStage``s -> per-stage predictions (``QUERY_CONTRACT.md``).
+xyzr queries -> 6 ``AdaMixerStage``s -> per-stage predictions (``docs/architecture.md``).
 
 Spec ``query.md`` section 2 (AdaMixer) and 3.10 (D-RMM on AdaMixer); reference behaviour ``MCG-NJU/AdaMixer``
 (``necks/identity_fpn.py``, ``dense_heads/query_generator.py``, ``roi_heads/adamixer_decoder.py``,
@@ -195,7 +195,7 @@ class AdaMixer(nn.Module):
                 w.r.t. the padded feature maps.
 
         Returns:
-            dict (``QUERY_CONTRACT.md``): ``stages``: list of ``num_stages`` dicts (stage 0 first) with
+            dict (``docs/architecture.md``): ``stages``: list of ``num_stages`` dicts (stage 0 first) with
             ``pred_logits`` ``[B, N, K]`` (sigmoid logits; D-RMM: softmax class logits) and ``pred_boxes`` float32
             ``[B, N, 4]`` xyxy pixels of the network input (D-RMM: mu), D-RMM also ``pred_fg`` ``[B, N]`` and
             ``pred_scales`` float32 ``[B, N, 4]`` > 0; plus the last stage's tensors at the top level.

@@ -86,8 +86,8 @@ class QueryPostProcessor:
         """Post-process a batch.
 
         Args:
-            outputs: model output dict (``QUERY_CONTRACT``): last-stage ``pred_logits`` ``[B, N, K]``, ``pred_boxes``
-                ``[B, N, 4]`` xyxy pixels of the network input, and ``pred_fg`` ``[B, N]`` for ``"drmm"``.
+            outputs: model output dict (``docs/architecture.md``): last-stage ``pred_logits`` ``[B, N, K]``,
+                ``pred_boxes`` ``[B, N, 4]`` xyxy pixels of the network input, and ``pred_fg`` ``[B, N]`` for ``"drmm"``.
             image_sizes: ``[B, 2]`` (h, w) of the resized, unpadded network input (``target["size"]``); a tensor,
                 a nested list or a list of ``[2]`` tensors.
             orig_sizes: ``[B, 2]`` (h, w) of the original images (``target["orig_size"]``), same forms.

@@ -2,7 +2,7 @@
 
 Spec ``query.md`` 1.2 (model), 3.2 (D-RMM output layers, additive box update, grid proposals) and "Design notes for
 one codebase" (one stage loop; boxes detached between stages, content not). The output dict follows
-``QUERY_CONTRACT.md``; losses, matching and post-processing live elsewhere (``e2edet.losses``, ``postprocess``).
+``docs/architecture.md``; losses, matching and post-processing live elsewhere (``e2edet.losses``, ``postprocess``).
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ class SparseRCNN(nn.Module):
                 the padded size. Scales the initial proposals (mmdet ``EmbeddingRPNHead`` uses ``img_shape``).
 
         Returns:
-            ``QUERY_CONTRACT.md`` dict: ``"stages"``: list of ``num_stages`` dicts (stage 0 first) with
+            the ``docs/architecture.md`` dict: ``"stages"``: list of ``num_stages`` dicts (stage 0 first) with
             ``pred_logits [B, N, K]`` (sigmoid logits; D-RMM: K-way softmax logits), ``pred_boxes`` float32
             ``[B, N, 4]`` xyxy pixels of the input (D-RMM: Cauchy location mu) and, for D-RMM, ``pred_fg [B, N]``
             foreground logits and ``pred_scales`` float32 ``[B, N, 4]`` softplus scales in pixels (before the
