@@ -37,9 +37,9 @@ class DenseHead(nn.Module):
     GroupNorm(32 groups; fewer for narrow models, see ``layers.group_norm``), ReLU]; ``cls_score`` 3x3 conv -> K on
     the cls tower; ``bbox_pred`` 3x3 conv -> 4 on the reg tower, box = ReLU(Scale_l · conv) · stride_l in pixels;
     optional ``centerness`` 3x3 conv -> 1 on the **reg** tower (FCOS imprv), optionally preceded by ``ctr_convs`` x
-    [3x3 conv, GN, ReLU] of ``ctr_channels`` (O2F: 3 x 64, the "lightweight convs before the centerness map"); optional
-    3DMF (``MaxFiltering3D`` on the
-    reg tower outputs of all levels) followed by the ``filter`` 3x3 conv -> 1 (DeFCN).
+    [3x3 conv, GN, ReLU] of ``ctr_channels`` (O2F: 3 x 64, the "lightweight convs before the centerness map");
+    optional 3DMF (``MaxFiltering3D`` on the reg tower outputs of all levels) followed by the ``filter`` 3x3 conv -> 1
+    (DeFCN).
 
     Init: every conv N(0, 0.01) with bias 0 (3DMF conv included), GN weight 1 bias 0, ``cls_score`` bias
     ``-log((1 - prior_prob) / prior_prob)`` (= -4.595 for 0.01), ``Scale`` 1.0.
