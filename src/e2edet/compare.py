@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from e2edet.config import ConfigError
+from e2edet.engine.evaluator import save_results
 
 #: (column title, key in a row, number format) of the comparison table, in order.
 COLUMNS = (
@@ -125,13 +126,14 @@ def compare(recipes: Sequence[str], overrides: Sequence[str], out_dir: str | Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     header = f"# e2edet compare\n\nrecipes: {' '.join(recipes)}\noverrides: {' '.join(overrides) or '(none)'}\n\n"
     _write(out_dir / "compare.md", header + table)
-    _write(out_dir / "compare.json", json.dumps({"overrides": list(overrides), "rows": rows}, indent=2))
+    save_results({"overrides": list(overrides), "rows": rows}, out_dir / "compare.json")
     curves = {f"{r['recipe']} ({r['post']})": {"ece": r["ece"], "reliability": r["reliability"]}
               for r in rows if r.get("reliability") and r.get("ece") is not None}
     if curves:
         from e2edet.engine.diagnostics import plot_reliability
 
-        plot_reliability(curves, out_dir / "reliability.png", title="Reliability (TP at IoU >= 0.5), own post-processing")
+        plot_reliability(curves, out_dir / "reliability.png",
+                         title="Reliability (TP at IoU >= 0.5), own post-processing")
     print("\n" + table)
     print(f"written: {out_dir / 'compare.md'}, {out_dir / 'compare.json'}")
     return rows

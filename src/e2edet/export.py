@@ -19,6 +19,7 @@ from torch import nn
 
 from e2edet.config import Config
 from e2edet.models.dense.postprocess import class_probabilities
+from e2edet.models.query.postprocess import query_scores
 
 
 #: Score modes whose top-k is the final output (no NMS): POTO, DeFCN, O2F, Sparse R-CNN / AdaMixer, D-RMM.
@@ -46,10 +47,7 @@ class EndToEndDetector(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.model(images)
-        if self.score == "drmm":
-            prob = out["pred_logits"].float().softmax(-1) * out["pred_fg"].float().sigmoid().unsqueeze(-1)
-        else:
-            prob = class_probabilities(out, self.score)
+        prob = query_scores(out, "drmm") if self.score == "drmm" else class_probabilities(out, self.score)
         num_classes = prob.shape[-1]
         scores, index = prob.flatten(1).topk(min(self.max_detections, prob.shape[1] * num_classes), dim=1)
         point = torch.div(index, num_classes, rounding_mode="floor")

@@ -124,8 +124,7 @@ class O2FAssigner:
         kept = pos[None, :] & (owner[None, :] == torch.arange(num_gt, device=q.device)[:, None])  # [G, R]
         has = kept.any(dim=1)
         certain = torch.where(kept, q, torch.full_like(q, -1.0)).argmax(dim=1)  # [G]
-        is_certain = torch.zeros_like(kept)
-        is_certain[has, certain[has]] = True
+        is_certain = torch.zeros_like(kept).scatter_(1, certain[:, None], has[:, None])  # no host sync
         soft_mask = kept & ~is_certain
         soft_p = torch.where(soft_mask, p, torch.zeros_like(p))
         p_max = soft_p.amax(dim=1, keepdim=True)

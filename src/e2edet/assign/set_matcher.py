@@ -84,6 +84,12 @@ def _check_inputs(pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict]) 
             )
 
 
+def _check_labels(labels: Tensor, num_classes: int) -> None:
+    """Raise ValueError when a GT label lies outside ``[0, num_classes)`` (one device-to-host sync)."""
+    if bool(((labels < 0) | (labels >= num_classes)).any()):
+        raise ValueError(f"targets hold labels outside [0, {num_classes}) (pred_logits has K={num_classes})")
+
+
 class HungarianMatcher:
     """Optimal one-to-one matching between the ``N`` queries and the ``G`` GTs of each image. No parameters.
 
@@ -127,7 +133,8 @@ class HungarianMatcher:
         self.box_space = box_space
 
     @torch.no_grad()
-    def cost_matrices(self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict]) -> list[Tensor]:
+    def cost_matrices(self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict],
+                      check_labels: bool = True) -> list[Tensor]:
         """Weighted matching costs of each image.
 
         Args:
@@ -135,6 +142,7 @@ class HungarianMatcher:
             pred_boxes: ``[B, N, 4]`` xyxy pixels of the network input (detached internally).
             targets: B dicts with ``boxes`` float ``[G_b, 4]`` xyxy pixels, ``labels`` int64 ``[G_b]`` in ``[0, K)``
                 and ``size`` ``(h, w)`` of the unpadded network input.
+            check_labels: validate the labels (one device sync; :meth:`match_stages` does it for the first stage only).
         Returns:
             B float32 matrices ``[G_b, N]`` (rows = GTs, columns = queries), on ``pred_logits``' device; may hold
             NaN/inf where the predictions do.
@@ -149,8 +157,8 @@ class HungarianMatcher:
             return [torch.zeros(0, num_queries, device=device) for _ in targets]
         gt_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
         gt_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)
-        if bool(((gt_labels < 0) | (gt_labels >= num_classes)).any()):
-            raise ValueError(f"targets hold labels outside [0, {num_classes}) (pred_logits has K={num_classes})")
+        if check_labels:  # one device sync; match_stages checks once per step, not once per stage
+            _check_labels(gt_labels, num_classes)
         whwh = image_whwh(targets, device)  # [B, 4]
         gt_whwh = whwh.repeat_interleave(torch.tensor(counts, device=device), dim=0)  # [T, 4]
 
@@ -190,7 +198,8 @@ class HungarianMatcher:
         Returns:
             per stage, the list of per-image ``(pred_idx, gt_idx)`` pairs of :meth:`__call__`.
         """
-        costs = [self.cost_matrices(s["pred_logits"], s["pred_boxes"], targets) for s in stages]
+        costs = [self.cost_matrices(s["pred_logits"], s["pred_boxes"], targets, check_labels=i == 0)
+                 for i, s in enumerate(stages)]
         flat = linear_assignment([c for per_stage in costs for c in per_stage], maximize=False)
         batch = len(targets)
         return [[(cols, rows) for rows, cols in flat[i * batch:(i + 1) * batch]] for i in range(len(stages))]
