@@ -44,6 +44,18 @@ def test_xyzr_round_trip_and_initial_state():
     torch.testing.assert_close(xyzr_to_xyxy(xyzr[1]), torch.tensor([[0.0, 0, 80, 50]]).expand(3, 4), atol=1e-4, rtol=0)
 
 
+def test_grid_initial_xyzr_is_the_drmm_grid_and_the_drmm_default():
+    sizes = torch.tensor([[60.0, 80.0], [40.0, 120.0]])
+    xyzr = initial_xyzr(sizes, 12, "grid")  # 3 x 4 grid of half-size boxes
+    assert xyzr.shape == (2, 12, 4) and not xyzr.requires_grad
+    boxes = xyzr_to_xyxy(xyzr)
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([-10.0, -5.0, 30.0, 25.0]), atol=1e-4, rtol=0)  # (10, 10)
+    torch.testing.assert_close(boxes[1, -1], torch.tensor([75.0, 23.333, 135.0, 43.333]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(boxes[..., 2] - boxes[..., 0], sizes[:, 1:2].expand(2, 12) / 2, atol=1e-4, rtol=0)
+    assert _tiny(drmm=True, num_queries=12).proposal_init == "grid" and _tiny().proposal_init == "whole"
+    assert _tiny(drmm=True, num_queries=12, proposal_init="whole").proposal_init == "whole"
+
+
 # 2. refinement --------------------------------------------------------------------------------------------------
 def test_refine_zero_delta_is_identity_and_dx_moves_by_sqrt_wh():
     xyzr = xyxy_to_xyzr(torch.tensor([[10.0, 20.0, 40.0, 100.0]]))  # w 30, h 80
@@ -238,7 +250,8 @@ def test_init_survives_model_construction():
 # model-level contract -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("drmm", [False, True])
 def test_forward_contract_and_finite_gradients(drmm):
-    model = _tiny(drmm, freeze_at=5 if drmm else 2)  # the D-RMM run skips the backbone backward (speed)
+    # the D-RMM run skips the backbone backward (speed); whole-image stage-0 boxes for both (D-RMM defaults to grid)
+    model = _tiny(drmm, freeze_at=5 if drmm else 2, proposal_init="whole")
     sizes = torch.tensor([[64, 80], [50, 96]])
     out = model(torch.randn(2, 3, H, W), sizes)
     keys = {"pred_logits", "pred_boxes"} | ({"pred_fg", "pred_scales"} if drmm else set())
@@ -277,7 +290,7 @@ def test_xyzr_detached_between_stages():
 
 
 def test_hparams_rebuild_and_errors():
-    model = _tiny(drmm=True, backbone="mobilenet_v2").eval()
+    model = _tiny(drmm=True, backbone="mobilenet_v2", num_queries=6).eval()  # 2 x 3 grid proposals
     assert set(model.hparams) == set(inspect.signature(AdaMixer).parameters)
     assert model.drmm and model.num_classes == 3 and model.strides == STRIDES
     clone = AdaMixer(**model.hparams).eval()
@@ -293,6 +306,10 @@ def test_hparams_rebuild_and_errors():
         model(images, torch.tensor([[64, 96], [64, 96]]))
     with pytest.raises(ValueError, match="hidden_dim"):
         _tiny(hidden_dim=36)
+    with pytest.raises(ValueError, match="rows x cols grid"):
+        _tiny(drmm=True)  # D-RMM's default grid init cannot place 5 queries
+    with pytest.raises(ValueError, match="unknown proposal init"):
+        _tiny(proposal_init="random")
     with pytest.raises(ValueError, match="feature maps"):
         ChannelMapping([8], 32)([torch.randn(1, 8, 4, 4)] * 2)
     with pytest.raises(ValueError, match="3 sampling groups"):

@@ -312,3 +312,73 @@ def test_bad_inputs_raise(srcnn, images):
         _tiny(backbone=MB, num_stages=0)
     with pytest.raises(ValueError, match="grid"):
         _tiny(drmm=True, backbone=MB, num_queries=7)
+
+
+# ---------------------------------------------------------------- stage_init="adamixer" (short-schedule init)
+def test_adamixer_stage_init_zeroes_generator_weight_and_fc_reg(images):
+    model = _tiny(stage_init="adamixer")
+    assert model.hparams["stage_init"] == "adamixer"
+    for stage in model.stages:
+        gen = stage.dynamic_conv.dynamic_layer
+        assert not gen.weight.any() and gen.bias.abs().sum() > 0  # bias kept: filters shared, not zero
+        assert not stage.output.fc_reg.weight.any() and stage.output.fc_reg.bias.abs().sum() == 0
+        assert stage.attention.in_proj_weight.abs().sum() > 0  # the rest keeps the official xavier init
+    # every query starts from the same dynamic filters: equal RoI features give equal outputs whatever the query
+    dyn = model.stages[0].dynamic_conv
+    roi = torch.randn(1, D, 7, 7).expand(3, -1, -1, -1)
+    out = dyn(torch.randn(3, D), roi)
+    torch.testing.assert_close(out, out[:1].expand(3, -1))
+    with torch.no_grad():  # every stage starts as the identity update of the whole unpadded image
+        boxes = model(images, SIZES)["pred_boxes"]
+    torch.testing.assert_close(boxes, torch.tensor([[[0.0, 0, 80, 48]], [[0.0, 0, 96, 64]]]).expand(2, N, 4))
+    with pytest.raises(ValueError, match="unknown stage_init"):
+        DIIStage(D, K, num_heads=4, dim_feedforward=64, dynamic_dim=8, stage_init="zero")
+
+
+def _refinement_gain(stage_init: str, steps: int = 200) -> float:
+    """Train one DII stage to refine jittered boxes of a bright square on synthetic features; return the mean IoU
+    gain of its decoded boxes over the input boxes on held-out jitter (random N(0, 1) query per proposal)."""
+    from torchvision.ops import box_iou
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    dim, num = 16, 32
+    stage = DIIStage(dim, 1, num_heads=2, dim_feedforward=32, dynamic_dim=4, stage_init=stage_init)
+    pool = PyramidRoIAlign((4,))
+    proj = torch.randn(dim, 2, generator=gen)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    gt = torch.tensor([40.0, 32.0, 88.0, 96.0])  # pixels; features at stride 4
+    inside = ((xx * 4 + 2 >= gt[0]) & (xx * 4 + 2 <= gt[2]) & (yy * 4 + 2 >= gt[1]) & (yy * 4 + 2 <= gt[3])).float()
+    feats = [(proj[:, :1, None] * inside + proj[:, 1:, None] * (1 - inside)).unsqueeze(0)]
+    query = torch.randn(1, num, dim, generator=gen)
+    opt = torch.optim.AdamW(stage.parameters(), lr=1e-3)
+
+    def jitter():
+        wh = gt[2:] - gt[:2]
+        ctr = (gt[:2] + gt[2:]) / 2 + 0.15 * wh * torch.randn(num, 2, generator=gen)
+        size = wh * torch.exp(0.15 * torch.randn(num, 2, generator=gen))
+        return torch.cat([ctr - size / 2, ctr + size / 2], dim=1)
+
+    def refine(rois):
+        return delta_xywh_decode(rois, stage(query, pool(feats, [rois]))[1]["box_deltas"][0])
+
+    for _ in range(steps):
+        rois = jitter()
+        loss = (1 - box_iou(refine(rois), gt[None])).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    rois = jitter()
+    with torch.no_grad():
+        return float(box_iou(refine(rois), gt[None]).mean() - box_iou(rois, gt[None]).mean())
+
+
+def test_adamixer_stage_init_learns_refinement_from_roi_features():
+    # the property the init exists for (DIIStage docstring): from random per-query content, one stage learns to
+    # move jittered boxes toward the object within a short schedule (measured gain 0.18 IoU; the official init 0.02,
+    # printed by running this file)
+    assert _refinement_gain("adamixer") > 0.1
+
+
+if __name__ == "__main__":  # measurement aid, not a test: gain per init
+    print({init: round(_refinement_gain(init), 3) for init in ("official", "adamixer")})

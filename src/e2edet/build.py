@@ -43,11 +43,12 @@ def build_model(cfg: Config) -> nn.Module:
                              ctr_convs=m.ctr_convs, ctr_channels=m.ctr_channels, max_filter=m.max_filter,
                              max_filter_gn=m.max_filter_gn, **common)
     query = dict(hidden_dim=m.fpn_channels, num_queries=m.num_queries, num_stages=m.num_stages, num_heads=m.num_heads,
-                 dim_feedforward=m.dim_feedforward, dropout=m.dropout, drmm=m.drmm, **common)
+                 dim_feedforward=m.dim_feedforward, dropout=m.dropout, drmm=m.drmm,
+                 proposal_init=m.proposal_init or None, **common)
     if m.arch == "sparse_rcnn":
         from e2edet.models.query.sparse_rcnn import SparseRCNN
 
-        return SparseRCNN(dynamic_dim=m.dynamic_dim, proposal_init=m.proposal_init or None, **query)
+        return SparseRCNN(dynamic_dim=m.dynamic_dim, stage_init=m.stage_init, **query)
     from e2edet.models.query.adamixer import AdaMixer
 
     return AdaMixer(num_groups=m.num_groups, in_points=m.in_points, out_points=m.out_points, **query)

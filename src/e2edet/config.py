@@ -52,8 +52,9 @@ class ModelConfig:
     (:class:`e2edet.models.query.adamixer.AdaMixer`). ``fpn_channels`` is the FPN width, and for the query
     detectors also the query width. Dense only: ``num_convs`` (tower depth), ``centerness`` (+ ``ctr_convs`` x
     ``ctr_channels`` convs before it: O2F's 3 x 64), ``max_filter`` (3DMF). Query only: ``num_queries``,
-    ``num_stages``, ``num_heads``, ``dim_feedforward``, ``dynamic_dim`` (Sparse R-CNN), ``num_groups``/``in_points``/
-    ``out_points`` (AdaMixer), ``dropout``, ``proposal_init`` (``whole``/``grid``; empty = the method's default) and
+    ``num_stages``, ``num_heads``, ``dim_feedforward``, ``dynamic_dim`` and ``stage_init`` (Sparse R-CNN DynamicConv
+    width; stage init ``official`` or ``adamixer``: zero generator weight and ``fc_reg``, for short schedules),
+    ``num_groups``/``in_points``/``out_points`` (AdaMixer), ``dropout``, ``proposal_init`` (``whole``/``grid``; empty = the method's default) and
     ``drmm`` (D-RMM mixture outputs and loss). ``num_classes`` and ``class_names`` are filled from the training
     dataset when left empty.
     """
@@ -74,6 +75,7 @@ class ModelConfig:
     num_heads: int = 8
     dim_feedforward: int = 2048
     dynamic_dim: int = 64
+    stage_init: str = "official"
     num_groups: int = 4
     in_points: int = 32
     out_points: int = 128
@@ -221,6 +223,7 @@ ALIASES = {
 CHOICES = {
     "model.arch": ("dense", "sparse_rcnn", "adamixer"),
     "model.proposal_init": ("", "whole", "grid"),
+    "model.stage_init": ("official", "adamixer"),
     "loss.assigner": ("fcos", "poto", "poto_argmax", "o2f"),
     "loss.score": ("cls", "cls_filter", "cls_ctr"),
     "loss.coord_dist": ("cauchy", "gaussian", "student_t"),

@@ -141,7 +141,10 @@ class AdaMixer(nn.Module):
     biases, no prior) and ``fc_reg`` -> 8; the first 4 regression outputs refine xyzr exactly as in AdaMixer and the
     decoded xyxy box is the Cauchy location mu (``pred_boxes``); ``pred_scales`` = softplus of the other 4 (pixels;
     the 0.04·size floor is the loss's job). The next stage starts from the detached refined xyzr. AdaMixer's zero
-    ``fc_reg`` init and fixed whole-image xyzr init are kept (whether the paper changed them is unknown).
+    ``fc_reg`` init is kept; the stage-0 boxes default to D-RMM's grid (``proposal_init``), not AdaMixer's whole
+    image (the unreleased code's choice is unknown): from whole-image boxes with zero-initialised deltas and scales
+    every GT is ~10 floored Cauchy scales (0.04·image size) from every component, its likelihood (~1e-17) sits under
+    the official 1e-12 floor and the loss has almost no gradient (measured: 0.0 AP on BCCD, see the issue-4 note).
 
     Args:
         backbone_name, pretrained, freeze_at, norm: see ``build_backbone`` (built with C2, strides 4/8/16/32).
@@ -149,6 +152,8 @@ class AdaMixer(nn.Module):
         ``num_groups``). num_queries: ``N`` (100 or 300). num_stages: 6. num_heads: attention heads (8).
         dim_feedforward: FFN width (2048). num_groups: sampling/mixing groups G (4). in_points: P_in (32).
         out_points: P_out (128). dropout: attention/FFN dropout (0). drmm: D-RMM output heads.
+        proposal_init: fixed stage-0 boxes, ``"whole"`` | ``"grid"`` (``adamixer_ops.initial_xyzr``); None =
+            ``"whole"`` (AdaMixer) / ``"grid"`` (D-RMM + AdaMixer).
 
     Attributes:
         num_classes, drmm, hparams (dict of all constructor arguments, ``AdaMixer(**hparams)`` rebuilds), strides
@@ -156,25 +161,28 @@ class AdaMixer(nn.Module):
         N(0, 1) init), stages (``ModuleList`` of ``AdaMixerStage``). The stage-0 xyzr is not a parameter.
 
     Raises:
-        ValueError: widths that do not divide as required.
+        ValueError: widths that do not divide as required, an unknown ``proposal_init`` or a grid ``N`` cannot fill.
     """
 
     def __init__(self, backbone_name: str = "resnet50", num_classes: int = 80, pretrained: bool = True,
                  freeze_at: int = 2, norm: str | None = None, hidden_dim: int = 256, num_queries: int = 100,
                  num_stages: int = 6, num_heads: int = 8, dim_feedforward: int = 2048, num_groups: int = 4,
-                 in_points: int = 32, out_points: int = 128, dropout: float = 0.0, drmm: bool = False):
+                 in_points: int = 32, out_points: int = 128, dropout: float = 0.0, drmm: bool = False,
+                 proposal_init: str | None = None):
         super().__init__()
         self.hparams = dict(backbone_name=backbone_name, num_classes=num_classes, pretrained=pretrained,
                             freeze_at=freeze_at, norm=norm, hidden_dim=hidden_dim, num_queries=num_queries,
                             num_stages=num_stages, num_heads=num_heads, dim_feedforward=dim_feedforward,
                             num_groups=num_groups, in_points=in_points, out_points=out_points, dropout=dropout,
-                            drmm=drmm)
+                            drmm=drmm, proposal_init=proposal_init)
         if hidden_dim % 8 or hidden_dim % num_heads or hidden_dim % num_groups:
             raise ValueError(f"hidden_dim {hidden_dim} must be a multiple of 8 (position embedding), of num_heads "
                              f"{num_heads} and of num_groups {num_groups}")
         if min(num_queries, num_stages, in_points, out_points) < 1:
             raise ValueError("num_queries, num_stages, in_points and out_points must be >= 1")
         self.num_classes, self.drmm = num_classes, drmm
+        self.proposal_init = proposal_init if proposal_init is not None else ("grid" if drmm else "whole")
+        initial_xyzr(torch.ones(1, 2), num_queries, self.proposal_init)  # unknown kind / no grid: fail here
         self.backbone = build_backbone(backbone_name, pretrained=pretrained, norm=norm, freeze_at=freeze_at,
                                        with_c2=True)
         self.strides = list(self.backbone.strides)
@@ -212,7 +220,7 @@ class AdaMixer(nn.Module):
         features = self.neck(list(self.backbone(images).values()))
         weight = self.content.weight
         query = F.layer_norm(weight, weight.shape[-1:]).unsqueeze(0).expand(images.shape[0], -1, -1)
-        xyzr = initial_xyzr(sizes, weight.shape[0])
+        xyzr = initial_xyzr(sizes, weight.shape[0], self.proposal_init)
         stages = []
         for stage in self.stages:
             res = stage(query, xyzr, features, self.strides)

@@ -67,15 +67,27 @@ class DIIStage(nn.Module):
 
     Init (``DIIHead.init_weights``): xavier-uniform on every parameter with more than one dimension; the output
     branches are initialised by ``StageOutput`` (cls prior bias -4.595 for Sparse R-CNN, zero biases for D-RMM).
+    ``stage_init="adamixer"`` (not in the official code) then applies AdaMixer's two zero inits (spec 2.2 (e)): the
+    weight of the DynamicConv parameter generator (its bias kept) and ``fc_reg``. With the official init and N(0, 1)
+    proposal features every query starts with its own random dynamic filters, and every later stage with a random
+    box update; until the generator bias outgrows the random part (it moves at most lr per step) a stage cannot
+    learn a consistent refinement from its RoI features. Measured on BCCD at 800 iterations: the later stages only
+    learned the identity (0.9 AP). With the zero inits every query starts from the same filters and every stage
+    from the identity update, and the later stages improve on stage 0 as AdaMixer's do.
 
     Args:
         dim: query width d. num_classes: K. num_heads: attention heads. dim_feedforward: FFN hidden width.
         dynamic_dim: DynamicConv width m. pooler_size: RoIAlign side S. dropout: dropout probability.
         drmm: D-RMM output layers (1 + K class channels, 8 regression channels).
+        stage_init: ``"official"`` (mmdet) or ``"adamixer"`` (zero generator weight and ``fc_reg``, see above).
+
+    Raises:
+        ValueError: unknown ``stage_init``.
     """
 
     def __init__(self, dim: int, num_classes: int, num_heads: int = 8, dim_feedforward: int = 2048,
-                 dynamic_dim: int = 64, pooler_size: int = 7, dropout: float = 0.0, drmm: bool = False):
+                 dynamic_dim: int = 64, pooler_size: int = 7, dropout: float = 0.0, drmm: bool = False,
+                 stage_init: str = "official"):
         super().__init__()
         self.attention = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.attention_norm = nn.LayerNorm(dim)
@@ -87,7 +99,12 @@ class DIIStage(nn.Module):
             for p in module.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
-        self.output = StageOutput(dim, num_classes, cls_layers=1, reg_layers=3, bias=False, drmm=drmm)
+        if stage_init not in ("official", "adamixer"):
+            raise ValueError(f"unknown stage_init '{stage_init}'; valid: official, adamixer")
+        if stage_init == "adamixer":
+            nn.init.zeros_(self.dynamic_conv.dynamic_layer.weight)
+        self.output = StageOutput(dim, num_classes, cls_layers=1, reg_layers=3, bias=False, drmm=drmm,
+                                  zero_init_reg=stage_init == "adamixer")
 
     def forward(self, query: Tensor, roi_feats: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Run the stage.

@@ -132,25 +132,29 @@ class SparseRCNN(nn.Module):
         dynamic_dim: DynamicConv width (64). pooler_size: RoIAlign side (7). dropout: 0.0.
         proposal_init: ``"whole"`` | ``"grid"``; None = ``"whole"`` (Sparse R-CNN) / ``"grid"`` (D-RMM, 15 x 20 for
             300 queries). drmm: D-RMM output layers and box update.
+        stage_init: ``"official"`` | ``"adamixer"`` (zero DynamicConv generator weight and ``fc_reg``, see
+            ``DIIStage``).
 
     Attributes:
         num_classes, drmm, hparams (the constructor arguments: ``SparseRCNN(**model.hparams)`` rebuilds the model),
         strides (``[4, 8, 16, 32]``), backbone, fpn, roi_pool, init_proposal_boxes, init_proposal_features, stages.
 
     Raises:
-        ValueError: unknown backbone/norm/proposal init, a grid init whose N has no grid, ``num_stages < 1``.
+        ValueError: unknown backbone/norm/proposal init/stage init, a grid init whose N has no grid,
+            ``num_stages < 1``.
     """
 
     def __init__(self, backbone_name: str = "resnet50", num_classes: int = 80, pretrained: bool = True,
                  freeze_at: int = 2, norm: str | None = None, hidden_dim: int = 256, num_queries: int = 100,
                  num_stages: int = 6, num_heads: int = 8, dim_feedforward: int = 2048, dynamic_dim: int = 64,
-                 pooler_size: int = 7, dropout: float = 0.0, proposal_init: str | None = None, drmm: bool = False):
+                 pooler_size: int = 7, dropout: float = 0.0, proposal_init: str | None = None, drmm: bool = False,
+                 stage_init: str = "official"):
         super().__init__()
         self.hparams = dict(backbone_name=backbone_name, num_classes=num_classes, pretrained=pretrained,
                             freeze_at=freeze_at, norm=norm, hidden_dim=hidden_dim, num_queries=num_queries,
                             num_stages=num_stages, num_heads=num_heads, dim_feedforward=dim_feedforward,
                             dynamic_dim=dynamic_dim, pooler_size=pooler_size, dropout=dropout,
-                            proposal_init=proposal_init, drmm=drmm)
+                            proposal_init=proposal_init, drmm=drmm, stage_init=stage_init)
         if num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {num_stages}")
         self.num_classes, self.drmm, self.num_queries = num_classes, drmm, num_queries
@@ -169,7 +173,8 @@ class SparseRCNN(nn.Module):
             self.init_proposal_boxes.weight.copy_(make_proposals(kind, num_queries))
         self.init_proposal_features = nn.Embedding(num_queries, hidden_dim)  # default N(0, 1)
         self.stages = nn.ModuleList(
-            DIIStage(hidden_dim, num_classes, num_heads, dim_feedforward, dynamic_dim, pooler_size, dropout, drmm)
+            DIIStage(hidden_dim, num_classes, num_heads, dim_feedforward, dynamic_dim, pooler_size, dropout, drmm,
+                     stage_init)
             for _ in range(num_stages))
 
     def _check_inputs(self, images: Tensor, image_sizes: Tensor | None) -> Tensor:
