@@ -54,8 +54,8 @@ class ModelConfig:
     ``ctr_channels`` convs before it: O2F's 3 x 64), ``max_filter`` (3DMF). Query only: ``num_queries``,
     ``num_stages``, ``num_heads``, ``dim_feedforward``, ``dynamic_dim`` and ``stage_init`` (Sparse R-CNN DynamicConv
     width; stage init ``official`` or ``adamixer``: zero generator weight and ``fc_reg``, for short schedules),
-    ``num_groups``/``in_points``/``out_points`` (AdaMixer), ``dropout``, ``proposal_init`` (``whole``/``grid``; empty = the method's default) and
-    ``drmm`` (D-RMM mixture outputs and loss). ``num_classes`` and ``class_names`` are filled from the training
+    ``num_groups``/``in_points``/``out_points`` (AdaMixer), ``dropout``, ``proposal_init`` (``whole``/``grid``;
+    empty = the method's default) and ``drmm`` (D-RMM mixture outputs and loss). ``num_classes`` and ``class_names`` are filled from the training
     dataset when left empty.
     """
 
