@@ -55,8 +55,8 @@ class ModelConfig:
     ``num_stages``, ``num_heads``, ``dim_feedforward``, ``dynamic_dim`` and ``stage_init`` (Sparse R-CNN DynamicConv
     width; stage init ``official`` or ``adamixer``: zero generator weight and ``fc_reg``, for short schedules),
     ``num_groups``/``in_points``/``out_points`` (AdaMixer), ``dropout``, ``proposal_init`` (``whole``/``grid``;
-    empty = the method's default) and ``drmm`` (D-RMM mixture outputs and loss). ``num_classes`` and ``class_names`` are filled from the training
-    dataset when left empty.
+    empty = the method's default) and ``drmm`` (D-RMM mixture outputs and loss). ``num_classes`` and ``class_names``
+    are filled from the training dataset when left empty.
     """
 
     arch: str = "dense"
