@@ -18,7 +18,7 @@ from e2edet.models.backbone import build_backbone
 from e2edet.models.query.adamixer_ops import (AdaptiveMixing, grid_offsets, initial_xyzr, iof_attn_bias,
                                               make_sample_points, position_embedding, refine_xyzr, sampling_3d,
                                               xyzr_to_xyxy)
-from e2edet.models.query.common import FFN, StageOutput, input_sizes
+from e2edet.models.query.common import FFN, StageOutput, input_sizes, proposal_init as make_proposals
 
 __all__ = ["AdaMixer", "AdaMixerStage", "ChannelMapping"]
 
@@ -182,7 +182,7 @@ class AdaMixer(nn.Module):
             raise ValueError("num_queries, num_stages, in_points and out_points must be >= 1")
         self.num_classes, self.drmm = num_classes, drmm
         self.proposal_init = proposal_init if proposal_init is not None else ("grid" if drmm else "whole")
-        initial_xyzr(torch.ones(1, 2), num_queries, self.proposal_init)  # unknown kind / no grid: fail here
+        make_proposals(self.proposal_init, num_queries)  # unknown kind / N without a grid: fail at construction
         self.backbone = build_backbone(backbone_name, pretrained=pretrained, norm=norm, freeze_at=freeze_at,
                                        with_c2=True)
         self.strides = list(self.backbone.strides)
