@@ -55,3 +55,15 @@ def test_recipe_trains_one_step_with_finite_gradients(name):
         dets = post(model(torch.randn(1, 3, *size), torch.tensor([size])), [size], [[2 * size[0], 2 * size[1]]])
     assert len(dets) == 1 and len(dets[0]["scores"]) <= cfg.test.max_detections
     assert torch.all(dets[0]["labels"] < 3)
+
+
+def test_query_recipes_stage_and_proposal_init():
+    """The published COCO recipes keep the official inits; only the CPU Sparse R-CNN recipe uses AdaMixer's zero
+    stage init (D-RMM + Sparse R-CNN measured worse with it), and D-RMM + AdaMixer starts from the grid."""
+    for name in NAMES:
+        m = get_recipe(name).model
+        if m.arch == "sparse_rcnn":
+            cpu_set_loss = name.endswith("_mnv2_cpu") and not m.drmm
+            assert m.stage_init == ("adamixer" if cpu_set_loss else "official"), name
+        if m.arch == "adamixer":
+            assert m.proposal_init == ("grid" if m.drmm else ""), name
