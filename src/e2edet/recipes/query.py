@@ -75,7 +75,8 @@ def _cpu(method: str) -> Config:
     # Sparse R-CNN's official init gives each query random dynamic filters and each stage a random box update that
     # a short schedule cannot undo (BCCD, 800 iterations: 0.9 AP, 37.4 with AdaMixer's zero inits; DIIStage
     # docstring). D-RMM + Sparse R-CNN keeps the official init: with the zero inits it fell from 39.5 to 15.4 AP.
-    m.stage_init = "official" if m.drmm else "adamixer"
+    if m.arch == "sparse_rcnn" and not m.drmm:  # AdaMixer already has these zero inits and ignores stage_init
+        m.stage_init = "adamixer"
     t = cfg.train
     t.epochs, t.batch_size, t.workers, t.lr = 24, 4, 2, 2e-4 if not m.drmm else 4e-4
     t.warmup_iters, t.warmup_factor, t.steps, t.log_period, t.eval_period = 100, 0.01, (0.75, 0.92), 10, 0
