@@ -11,6 +11,7 @@ from e2edet.models.query.adamixer import AdaMixer, AdaMixerStage, ChannelMapping
 from e2edet.models.query.adamixer_ops import (AdaptiveMixing, box_iof, initial_xyzr, iof_attn_bias, joint_layer_norm,
                                               level_weights, make_sample_points, position_embedding, refine_xyzr,
                                               sampling_3d, xyxy_to_xyzr, xyzr_to_xyxy)
+from e2edet.models.query.common import proposal_init
 
 STRIDES = [4, 8, 16, 32]
 H, W = 64, 96  # network input; levels 16x24, 8x12, 4x6, 2x3
@@ -37,7 +38,7 @@ def test_xyzr_round_trip_and_initial_state():
     torch.testing.assert_close(xyzr_to_xyxy(torch.tensor([10.0, 20.0, 3.0, 2.0])), torch.tensor([8.0, 12, 12, 28]))
 
     sizes = torch.tensor([[64.0, 96.0], [50.0, 80.0]], requires_grad=True)
-    xyzr = initial_xyzr(sizes, 3)
+    xyzr = initial_xyzr(sizes, proposal_init("whole", 3))
     assert xyzr.shape == (2, 3, 4) and xyzr.dtype == torch.float32 and not xyzr.requires_grad
     expected = torch.tensor([48.0, 32.0, math.log2(math.sqrt(96 * 64)), math.log2(64 / 96)])
     torch.testing.assert_close(xyzr[0, 2], expected)
@@ -46,7 +47,7 @@ def test_xyzr_round_trip_and_initial_state():
 
 def test_grid_initial_xyzr_is_the_drmm_grid_and_the_drmm_default():
     sizes = torch.tensor([[60.0, 80.0], [40.0, 120.0]])
-    xyzr = initial_xyzr(sizes, 12, "grid")  # 3 x 4 grid of half-size boxes
+    xyzr = initial_xyzr(sizes, proposal_init("grid", 12))  # 3 x 4 grid of half-size boxes
     assert xyzr.shape == (2, 12, 4) and not xyzr.requires_grad
     boxes = xyzr_to_xyxy(xyzr)
     torch.testing.assert_close(boxes[0, 0], torch.tensor([-10.0, -5.0, 30.0, 25.0]), atol=1e-4, rtol=0)  # (10, 10)

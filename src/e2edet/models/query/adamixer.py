@@ -152,13 +152,14 @@ class AdaMixer(nn.Module):
         ``num_groups``). num_queries: ``N`` (100 or 300). num_stages: 6. num_heads: attention heads (8).
         dim_feedforward: FFN width (2048). num_groups: sampling/mixing groups G (4). in_points: P_in (32).
         out_points: P_out (128). dropout: attention/FFN dropout (0). drmm: D-RMM output heads.
-        proposal_init: fixed stage-0 boxes, ``"whole"`` | ``"grid"`` (``adamixer_ops.initial_xyzr``); None =
-            ``"whole"`` (AdaMixer) / ``"grid"`` (D-RMM + AdaMixer).
+        proposal_init: fixed stage-0 boxes, ``"whole"`` | ``"grid"`` (``common.proposal_init``, turned into xyzr
+            by ``adamixer_ops.initial_xyzr``); None = ``"whole"`` (AdaMixer) / ``"grid"`` (D-RMM + AdaMixer).
 
     Attributes:
         num_classes, drmm, hparams (dict of all constructor arguments, ``AdaMixer(**hparams)`` rebuilds), strides
         (``[4, 8, 16, 32]``), backbone, neck (``ChannelMapping``), content (``Embedding(N, hidden_dim)``, default
-        N(0, 1) init), stages (``ModuleList`` of ``AdaMixerStage``). The stage-0 xyzr is not a parameter.
+        N(0, 1) init), stages (``ModuleList`` of ``AdaMixerStage``), init_proposals (``[N, 4]`` normalised
+        (cx, cy, w, h) buffer of ``proposal_init``, not saved). The stage-0 xyzr is not a parameter.
 
     Raises:
         ValueError: widths that do not divide as required, an unknown ``proposal_init`` or a grid ``N`` cannot fill.
@@ -182,7 +183,8 @@ class AdaMixer(nn.Module):
             raise ValueError("num_queries, num_stages, in_points and out_points must be >= 1")
         self.num_classes, self.drmm = num_classes, drmm
         self.proposal_init = proposal_init if proposal_init is not None else ("grid" if drmm else "whole")
-        make_proposals(self.proposal_init, num_queries)  # unknown kind / N without a grid: fail at construction
+        # normalised (cx, cy, w, h) [N, 4]; not saved (derived from the hparams), raises for an unknown kind / N
+        self.register_buffer("init_proposals", make_proposals(self.proposal_init, num_queries), persistent=False)
         self.backbone = build_backbone(backbone_name, pretrained=pretrained, norm=norm, freeze_at=freeze_at,
                                        with_c2=True)
         self.strides = list(self.backbone.strides)
@@ -220,7 +222,7 @@ class AdaMixer(nn.Module):
         features = self.neck(list(self.backbone(images).values()))
         weight = self.content.weight
         query = F.layer_norm(weight, weight.shape[-1:]).unsqueeze(0).expand(images.shape[0], -1, -1)
-        xyzr = initial_xyzr(sizes, weight.shape[0], self.proposal_init)
+        xyzr = initial_xyzr(sizes, self.init_proposals)
         stages = []
         for stage in self.stages:
             res = stage(query, xyzr, features, self.strides)

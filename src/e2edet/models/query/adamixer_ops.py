@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from e2edet.models.query.common import proposal_init, proposals_to_pixels
+from e2edet.models.query.common import proposals_to_pixels
 
 __all__ = ["xyzr_to_xyxy", "xyxy_to_xyzr", "initial_xyzr", "refine_xyzr", "position_embedding", "box_iof",
            "iof_attn_bias", "level_weights", "make_sample_points", "sampling_3d", "joint_layer_norm",
@@ -39,27 +39,18 @@ def xyxy_to_xyzr(boxes: Tensor) -> Tensor:
                         0.5 * torch.log2(w * h), torch.log2(h / w)], dim=-1)
 
 
-def initial_xyzr(sizes: Tensor, num_queries: int, kind: str = "whole") -> Tensor:
+def initial_xyzr(sizes: Tensor, proposals: Tensor) -> Tensor:
     """Fixed stage-0 box state (not learnable, spec 2.2 "Queries").
 
     Args:
         sizes: ``[B, 2]`` (h, w) of the unpadded inputs (``common.input_sizes``).
-        num_queries: ``N``.
-        kind: ``"whole"`` (AdaMixer: every query is the whole image) or ``"grid"`` (the boxes of
-            ``common.proposal_init("grid", N)``: half-size boxes on a rows x cols grid, D-RMM's ``preset`` init).
+        proposals: ``[N, 4]`` normalised (cx, cy, w, h) of ``common.proposal_init``: ``"whole"`` (AdaMixer: every
+            query is the whole image) or ``"grid"`` (half-size boxes on a rows x cols grid, D-RMM's ``preset`` init).
 
     Returns:
-        float32 ``[B, N, 4]`` (x, y, z, r), detached; ``"whole"`` = (W/2, H/2, log2 sqrt(W·H), log2(H/W)).
-
-    Raises:
-        ValueError: unknown ``kind`` or a grid that ``N`` does not factor into (``common.proposal_init``).
+        float32 ``[B, N, 4]`` (x, y, z, r), detached; the whole image is (W/2, H/2, log2 sqrt(W·H), log2(H/W)).
     """
-    if kind != "whole":
-        boxes = proposals_to_pixels(proposal_init(kind, num_queries).to(sizes.device), sizes.float())
-        return xyxy_to_xyzr(boxes).detach()
-    h, w = sizes[:, 0].float(), sizes[:, 1].float()
-    xyzr = torch.stack([0.5 * w, 0.5 * h, 0.5 * torch.log2(w * h), torch.log2(h / w)], dim=-1)
-    return xyzr.detach().unsqueeze(1).expand(-1, num_queries, -1).contiguous()
+    return xyxy_to_xyzr(proposals_to_pixels(proposals.float(), sizes.float())).detach()
 
 
 def refine_xyzr(xyzr: Tensor, delta: Tensor) -> Tensor:
