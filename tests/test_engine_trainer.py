@@ -1,9 +1,12 @@
-"""Trainer on a tiny synthetic detector: learning, logs, best/last checkpoints, exact resume, max_iters, NaN."""
+"""Trainer on a tiny synthetic detector: learning, logs, best/last checkpoints, exact resume (also mid-epoch,
+after SIGINT/SIGTERM), max_iters, non-finite outputs, losses and gradients."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -12,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from e2edet.data.loader import build_loader
 from e2edet.engine.checkpoint import load_checkpoint, load_weights
 from e2edet.engine.logger import read_metrics
-from e2edet.engine.trainer import Trainer
+from e2edet.engine.trainer import Trainer, TrainingInterrupted
 
 
 class BoxDataset(Dataset):
@@ -79,7 +83,7 @@ def make_cfg(**kw):
     base = dict(epochs=2, max_iters=0, batch_size=4, workers=0, optimizer="sgd", lr=0.05, momentum=0.9,
                 weight_decay=1e-4, weight_decay_norm=0.0, schedule="multistep", steps=(0.667, 0.889), gamma=0.1,
                 warmup_iters=2, warmup_factor=0.1, clip_grad_norm=1.0, amp=True, seed=7, log_period=1,
-                eval_period=1, checkpoint_period=1, device="cpu")
+                eval_period=1, checkpoint_period=1, checkpoint_every=0, device="cpu")
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -156,7 +160,7 @@ def test_max_iters_passes_epoch_to_criterion(tmp_path):
 
 def test_non_finite_loss_stops_with_clear_error(tmp_path):
     trainer = make_trainer(tmp_path, make_cfg(epochs=3), criterion=BoxCriterion(nan_at=3))
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at iteration 3 \(epoch 1\).*loss_box=nan"):
+    with pytest.raises(FloatingPointError, match=r"diverged at iteration 3 \(epoch 2\): non-finite loss loss_box .*loss_box=nan"):
         trainer.fit()
     state = load_checkpoint(tmp_path, TinyDetector())
     assert state["iteration"] == 2  # the last good checkpoint (end of epoch 1) is kept
@@ -170,3 +174,112 @@ def test_empty_loader_and_missing_resume(tmp_path):
     trainer = make_trainer(tmp_path, cfg)
     with pytest.raises(FileNotFoundError, match="no_such_run"):
         trainer.fit(resume=tmp_path / "no_such_run")
+
+
+class SignalAt(BoxCriterion):
+    """BoxCriterion that sends ``signum`` to this process during call ``at`` (as Ctrl-C would mid-iteration)."""
+
+    def __init__(self, at, signum=signal.SIGINT):
+        super().__init__()
+        self.at, self.signum = at, signum
+
+    def __call__(self, outputs, targets, epoch=0, max_epoch=1):
+        if len(self.calls) + 1 == self.at:
+            os.kill(os.getpid(), self.signum)
+        return super().__call__(outputs, targets, epoch, max_epoch)
+
+
+def _seeded_trainer(run_dir, cfg, criterion=None, workers=0):
+    """Trainer over the project's resumable loader (3 images a batch: 3 iterations per epoch)."""
+    torch.manual_seed(0)
+    loader = build_loader(BoxDataset(), batch_size=3, train=True, workers=workers, seed=cfg.seed, distributed=False)
+    return Trainer(TinyDetector(), criterion or BoxCriterion(), loader, cfg, run_dir, config_dict={"name": "tiny"},
+                   evaluate_fn=rng_eating_eval, progress=False)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_current_iteration_and_resume_is_exact(tmp_path, signum):
+    cfg = make_cfg(epochs=3, checkpoint_period=0)
+    full = _seeded_trainer(tmp_path / "full", cfg)
+    full.fit()
+    stopped = _seeded_trainer(tmp_path / "split", cfg, criterion=SignalAt(5, signum))
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at iteration 5/9 \(epoch 2\).*resume with"):
+        stopped.fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    state = load_checkpoint(tmp_path / "split", TinyDetector())
+    assert (state["epoch"], state["iteration"]) == (1, 5)  # mid-epoch: 2 of epoch 2's 3 iterations done
+    resumed = _seeded_trainer(tmp_path / "split", cfg)
+    out = resumed.fit(resume=tmp_path / "split")
+    assert out["iteration"] == 9 and out["epoch"] == 3
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from uninterrupted training"
+    evals = [r["epoch"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if r["type"] == "eval"]
+    assert evals == [1, 2, 3]
+
+
+class CrashAt(BoxCriterion):
+    """BoxCriterion that dies (as a killed process would) at call ``at``."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def __call__(self, outputs, targets, epoch=0, max_epoch=1):
+        if len(self.calls) + 1 == self.at:
+            raise SystemExit("killed")
+        return super().__call__(outputs, targets, epoch, max_epoch)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_checkpoint_every_iterations_resumes_mid_epoch_exactly(tmp_path, workers):
+    cfg = make_cfg(epochs=3, checkpoint_period=0, checkpoint_every=2, eval_period=0)
+    full = _seeded_trainer(tmp_path / "full", cfg, workers=workers)
+    full.fit()
+    crashed = _seeded_trainer(tmp_path / "split", cfg, criterion=CrashAt(8), workers=workers)
+    with pytest.raises(SystemExit):
+        crashed.fit()
+    state = load_checkpoint(tmp_path / "split", TinyDetector())
+    assert (state["epoch"], state["iteration"]) == (2, 6)  # iterations 2, 4 (mid-epoch) and 6 (epoch end) saved
+    resumed = _seeded_trainer(tmp_path / "split", cfg, workers=workers)
+    resumed.fit(resume=tmp_path / "split")
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_checkpoint_of_another_schedule(tmp_path):
+    _seeded_trainer(tmp_path, make_cfg(epochs=1)).fit()
+    with pytest.raises(ValueError, match="does not fit this run"):
+        _seeded_trainer(tmp_path, make_cfg(epochs=1, max_iters=7)).fit(resume=tmp_path)
+
+
+class NaNOutput(BoxCriterion):
+    """A probability-space loss (BCE) that refuses NaN inputs, fed NaN boxes from call 2 on."""
+
+    def __call__(self, outputs, targets, epoch=0, max_epoch=1):
+        self.calls.append((epoch, max_epoch))
+        boxes = outputs["pred_boxes"] * (float("nan") if len(self.calls) >= 2 else 1.0)
+        return {"loss_bce": F.binary_cross_entropy(boxes.sigmoid(), torch.ones_like(boxes))}
+
+
+def test_non_finite_output_is_named_even_when_the_criterion_raises(tmp_path):
+    trainer = _seeded_trainer(tmp_path, make_cfg(), criterion=NaNOutput())
+    trainer.model.head.bias.data.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"iteration 1 .*model output 'pred_boxes' is not finite"):
+        trainer.fit()
+
+
+class NaNGradient(BoxCriterion):
+    """Finite loss value whose gradient is NaN (d sqrt(x)/dx at 0, times 0)."""
+
+    def __call__(self, outputs, targets, epoch=0, max_epoch=1):
+        out = super().__call__(outputs, targets, epoch, max_epoch)
+        return {**out, "loss_sqrt": torch.sqrt(outputs["pred_boxes"].sum() * 0)}
+
+
+def test_non_finite_gradient_stops_before_the_update(tmp_path):
+    trainer = _seeded_trainer(tmp_path, make_cfg(clip_grad_norm=0.0), criterion=NaNGradient())
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"iteration 1 .*non-finite gradient .*'conv1.weight'"):
+        trainer.fit()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("bn."))

@@ -161,7 +161,8 @@ class TrainConfig:
 
     ``batch_size`` is per process (the published COCO recipes use 2 per GPU on 8 GPUs). ``max_iters`` > 0
     overrides ``epochs``; ``steps`` are fractions of the total iterations where the lr is multiplied by
-    ``gamma``. ``amp`` enables bf16 autocast on CUDA only.
+    ``gamma``. ``amp`` enables bf16 autocast on CUDA only. ``checkpoint_period`` writes ``checkpoints/last``
+    every that many epochs, ``checkpoint_every`` also every that many iterations (0 = only at epoch ends).
     """
 
     epochs: int = 12
@@ -184,6 +185,7 @@ class TrainConfig:
     log_period: int = 20
     eval_period: int = 1
     checkpoint_period: int = 1
+    checkpoint_every: int = 0
     device: str = "auto"
 
 

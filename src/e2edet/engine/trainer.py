@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+import signal
+import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +52,34 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT (Ctrl-C) or SIGTERM after writing ``checkpoints/last`` of the current iteration.
+
+    ``str(exc)`` is the one-line message for the user (where the checkpoint is and how to resume); the command
+    line exits with :attr:`exit_code` (130, the shell's code for an interrupted command).
+    """
+
+    exit_code = 130
+
+
+def _first_non_finite(value: Any, prefix: str = "") -> str | None:
+    """Dotted key of the first floating tensor in a (nested) model-output structure holding NaN/inf, or None."""
+    if isinstance(value, torch.Tensor):
+        finite = not value.is_floating_point() or bool(torch.isfinite(value).all())
+        return None if finite else (prefix or "output")
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = list(enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        found = _first_non_finite(item, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 class Trainer:
     """Trains ``model`` with ``criterion`` on ``train_loader`` per a TrainConfig-like ``cfg``.
 
@@ -59,7 +92,10 @@ class Trainer:
         train_loader: yields ``(images [B, 3, H, W], targets)`` (the collate contract) and has ``len()``; its
             sampler's ``set_epoch(epoch)`` is called at each epoch start if present.
         cfg: object with the TrainConfig fields (epochs, max_iters, optimizer, lr, ..., log_period, eval_period,
-            checkpoint_period, device, amp, seed, clip_grad_norm).
+            checkpoint_period, checkpoint_every, device, amp, seed, clip_grad_norm). ``checkpoint_period``
+            counts epochs, ``checkpoint_every`` iterations (0 = off); both write ``checkpoints/last``, and a run
+            resumed from a mid-epoch checkpoint continues exactly where it stopped (the loader's
+            :class:`~e2edet.data.loader.EpochShuffleSampler` skips the samples already seen).
         run_dir: output directory (metrics.jsonl, loss.png, eval_epochNNN.json, checkpoints/).
         config_dict: JSON-serialisable full run config, stored in the checkpoint weights' metadata.
         evaluate_fn: ``evaluate_fn(model, epoch) -> dict`` run (on every rank, RNG-isolated, model in eval mode)
@@ -107,6 +143,7 @@ class Trainer:
         self.best: float | None = None
         self.last_eval: dict | None = None
         self.last_train: dict | None = None
+        self._stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler during fit()
 
     def close(self) -> None:
         """Destroy the process group if this trainer created it (call once all distributed work is done)."""
@@ -136,6 +173,13 @@ class Trainer:
         """
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, strict=True)
         self.epoch, self.iteration = int(state.get("epoch", 0)), int(state.get("iteration", 0))
+        done_in_epoch = self.iteration - self.epoch * self.iters_per_epoch
+        if not 0 <= done_in_epoch <= self.iters_per_epoch or int(state.get("total_iters", self.total_iters)) \
+                != self.total_iters:
+            raise ValueError(f"cannot resume from {path}: it stopped at epoch {self.epoch}, iteration "
+                             f"{self.iteration} of {state.get('total_iters')}, which does not fit this run "
+                             f"({self.iters_per_epoch} iterations per epoch, {self.total_iters} in all); "
+                             f"resume with the dataset, batch size and schedule it was trained with")
         self.best = state.get("best_metric")
         self.logger.truncate_after(self.iteration)
         if get_rank() == 0 and "rng" in state:
@@ -158,30 +202,88 @@ class Trainer:
             ``{"epoch", "iteration", "train": last train record, "eval": last evaluation dict or None,
             "best_metric": best value or None, "run_dir": str}``.
         Raises:
-            FloatingPointError: a non-finite loss (names the iteration and the loss values).
+            FloatingPointError: a non-finite model output, loss or gradient (names the iteration and what was not
+                finite; the weights are not updated, ``checkpoints/last`` stays the last good one).
+            TrainingInterrupted: SIGINT/SIGTERM arrived; ``checkpoints/last`` holds the current iteration. A second
+                signal while that checkpoint is written raises ``KeyboardInterrupt`` at once.
         """
         if resume is not None:
             self.resume(resume)
         else:
             seed_everything(int(self.cfg.seed) + get_rank())
         self.model.train()
-        while self.iteration < self.total_iters and (stop_epoch is None or self.epoch < stop_epoch):
-            self._train_epoch(self.epoch)
-            self.epoch += 1
-            self._end_of_epoch(stopping=stop_epoch is not None and self.epoch >= stop_epoch)
+        with self._stop_on_signals():
+            while self.iteration < self.total_iters and (stop_epoch is None or self.epoch < stop_epoch):
+                start = self.iteration - self.epoch * self.iters_per_epoch  # > 0 when resumed mid-epoch
+                self._train_epoch(self.epoch, start)
+                self._check_stop()
+                self.epoch += 1
+                self._end_of_epoch(stopping=stop_epoch is not None and self.epoch >= stop_epoch)
+                self._check_stop()
         if is_dist():
             dist.barrier()
         return {"epoch": self.epoch, "iteration": self.iteration, "train": self.last_train,
                 "eval": self.last_eval, "best_metric": self.best, "run_dir": str(self.run_dir)}
 
-    def _train_epoch(self, epoch: int) -> None:
-        """Run the iterations of 0-based ``epoch`` (fewer in the last epoch of a ``max_iters`` run)."""
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """Within the block, SIGINT/SIGTERM ask the loop to stop after the current iteration (a second one aborts)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:  # second signal: abort now, without a checkpoint
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            if is_main_process():
+                print(f"\ne2edet: {signal.Signals(signum).name} received: finishing iteration {self.iteration + 1} "
+                      f"and writing {self.run_dir / 'checkpoints' / 'last'} (again to abort without saving)",
+                      file=sys.stderr, flush=True)
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal arrived (on any rank: the flag is all-reduced, so every rank stops together)."""
+        flag = self._stop_signal is not None
+        if is_dist():
+            t = torch.tensor([float(flag)], device=self.device)
+            dist.all_reduce(t)
+            flag = bool(t.item() > 0)
+        return flag
+
+    def _check_stop(self) -> None:
+        """On a pending stop signal: write ``checkpoints/last`` of the current iteration and raise
+        :class:`TrainingInterrupted`."""
+        if not self._stop_requested():
+            return
+        self.save("last")
+        config = self.run_dir / "config.yaml"
+        how = f"e2edet train {config} --resume {self.run_dir}" if config.is_file() else f"--resume {self.run_dir}"
+        raise TrainingInterrupted(f"interrupted at iteration {self.iteration}/{self.total_iters} (epoch "
+                                  f"{self.epoch + 1}); checkpoint {self.run_dir / 'checkpoints' / 'last'} written; "
+                                  f"resume with: {how}")
+
+    def _train_epoch(self, epoch: int, start: int = 0) -> None:
+        """Run the iterations of 0-based ``epoch`` from its ``start``-th batch (fewer in the last epoch of a
+        ``max_iters`` run); a loader without a resumable sampler has its first ``start`` batches drawn and
+        dropped."""
         batch_sampler = getattr(self.loader, "batch_sampler", None)
         owners = (self.loader, getattr(self.loader, "sampler", None), batch_sampler,
                   getattr(batch_sampler, "sampler", None))
+        skip = start
         for obj in {id(o): o for o in owners if hasattr(o, "set_epoch")}.values():
-            obj.set_epoch(epoch)
-        num_iters = min(self.iters_per_epoch, self.total_iters - self.iteration)
+            if start and "start" in inspect.signature(obj.set_epoch).parameters:
+                obj.set_epoch(epoch, start=start * int(getattr(self.loader, "batch_size", 0) or 0))
+                skip = 0
+            else:
+                obj.set_epoch(epoch)
+        num_iters = min(self.iters_per_epoch - start, self.total_iters - self.iteration)
+        if num_iters <= 0:
+            return
         window: dict[str, float] = {}
         count, epoch_time = 0, 0.0
         log_period = max(1, int(self.cfg.log_period))
@@ -189,7 +291,10 @@ class Trainer:
                    disable=not (self.progress and is_main_process()))
         try:
             end = time.perf_counter()
-            for i, (images, targets) in enumerate(self.loader):
+            batches = iter(self.loader)
+            for _ in range(skip):  # a plain loader: draw the batches already trained on
+                next(batches)
+            for i, (images, targets) in enumerate(batches):
                 if i >= num_iters:
                     break
                 data_time = time.perf_counter() - end
@@ -213,6 +318,11 @@ class Trainer:
                     self.logger.log(record)
                     self.last_train = record
                     window, count = {}, 0
+                every = int(getattr(self.cfg, "checkpoint_every", 0) or 0)
+                if every > 0 and self.iteration % every == 0 and i < num_iters - 1:
+                    self.save("last")  # mid-epoch; the end of the epoch saves on its own (see _end_of_epoch)
+                if self._stop_requested():
+                    break
         finally:
             bar.close()
 
@@ -232,7 +342,14 @@ class Trainer:
             outputs = self.ddp_model(images, sizes)
         if self.use_amp:
             outputs = _to_float32(outputs)
-        loss_dict = self.criterion(outputs, targets, epoch=epoch, max_epoch=self.num_epochs)
+        try:
+            loss_dict = self.criterion(outputs, targets, epoch=epoch, max_epoch=self.num_epochs)
+        except RuntimeError as err:  # e.g. a probability-space loss refusing NaN scores: name the real cause
+            bad = _first_non_finite(outputs)
+            if bad is None:
+                raise
+            raise FloatingPointError(self._non_finite_message(epoch, f"the model output {bad!r} is not finite "
+                                                                     f"(the criterion failed: {err})")) from err
         loss_keys = [k for k in loss_dict if is_loss_key(k)]
         if not loss_keys:
             raise KeyError(f"the criterion returned no 'loss*' entry (keys: {sorted(loss_dict)})")
@@ -246,21 +363,32 @@ class Trainer:
             dist.all_reduce(stacked)
             stacked /= get_world_size()
         values = dict(zip(names, stacked.tolist()))
-        if not all(math.isfinite(values[k]) for k in ["total_loss", *loss_keys]):
-            last = self.run_dir / "checkpoints" / "last"
-            kept = f"the last good checkpoint is {last}" if last.is_dir() else "no checkpoint was written yet"
+        bad_losses = [k for k in [*loss_keys, "total_loss"] if not math.isfinite(values[k])]
+        if bad_losses:
             shown = ", ".join(f"{k}={values[k]:.4g}" for k in ["total_loss", *loss_keys])
-            raise FloatingPointError(f"non-finite loss at iteration {self.iteration + 1} (epoch {epoch}): "
-                                     f"{shown}; training stopped before updating the weights, {kept}")
+            raise FloatingPointError(self._non_finite_message(epoch, f"non-finite loss {bad_losses[0]} ({shown})"))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = float(getattr(self.cfg, "clip_grad_norm", 0.0) or 0.0)
-        if clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            values["grad_norm"] = float(norm)
+        # the total gradient norm (clipped to ``clip`` when set) doubles as the finiteness check of the gradients
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf))
+        if not math.isfinite(norm):
+            name = next((n for n, p in self.model.named_parameters()
+                         if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "?")
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(self._non_finite_message(epoch, f"non-finite gradient (norm {norm}, first in "
+                                                                     f"{name!r}) of finite losses"))
+        values["grad_norm"] = norm
         self.optimizer.step()
         self.scheduler.step()
         return values
+
+    def _non_finite_message(self, epoch: int, what: str) -> str:
+        """One line for a non-finite step: iteration, what was not finite, and the checkpoint that is kept."""
+        last = self.run_dir / "checkpoints" / "last"
+        kept = f"the last good checkpoint is {last}" if last.is_dir() else "no checkpoint was written yet"
+        return (f"training diverged at iteration {self.iteration + 1} (epoch {epoch + 1}): {what}; stopped before "
+                f"updating the weights, {kept} (try a lower lr or clip_grad_norm)")
 
     def _end_of_epoch(self, stopping: bool) -> None:
         """Evaluate, keep ``best``, save ``last`` and redraw ``loss.png`` as the periods ask."""
@@ -268,7 +396,9 @@ class Trainer:
         eval_period, ckpt_period = int(self.cfg.eval_period), int(self.cfg.checkpoint_period)
         if self.evaluate_fn is not None and (finished or (eval_period > 0 and done % eval_period == 0)):
             self._evaluate(done)
-        if finished or stopping or (ckpt_period > 0 and done % ckpt_period == 0):
+        every = int(getattr(self.cfg, "checkpoint_every", 0) or 0)
+        if finished or stopping or (ckpt_period > 0 and done % ckpt_period == 0) or (
+                every > 0 and self.iteration % every == 0):
             self.save("last")
         if is_main_process():
             try:
