@@ -132,7 +132,7 @@ def test_duplicate_id_empty_file_and_bad_arguments(tmp_path, images):
 def test_unreadable_image(tmp_path, images):
     (images / "img3.png").write_bytes(b"not an image")
     odgt = write_odgt(tmp_path, [{"ID": "img3", "gtboxes": []}])
-    with pytest.raises(DatasetError, match=r"img3\.png: header: cannot read the image"):
+    with pytest.raises(DatasetError, match=r"img3\.png: image: not an image file"):
         odgt_to_coco(odgt, images)
 
 

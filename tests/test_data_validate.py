@@ -3,9 +3,10 @@
 import json
 
 import pytest
+from PIL import Image
 
 from e2edet.data.errors import DatasetError
-from e2edet.data.validate import load_coco_json, validate_coco
+from e2edet.data.validate import decode_image_size, load_coco_json, validate_coco
 
 
 def _coco(**overrides):
@@ -26,8 +27,8 @@ def _ann(**fields):
 
 
 def test_valid_file_passes_and_files_are_checked(tmp_path):
-    (tmp_path / "a.png").write_bytes(b"x")
-    (tmp_path / "b.png").write_bytes(b"x")
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    Image.new("RGB", (20, 50)).save(tmp_path / "b.png")
     validate_coco(_coco(), "ann.json", tmp_path)
     (tmp_path / "b.png").unlink()
     with pytest.raises(DatasetError, match=r"ann\.json: image id 2 \(b\.png\): image file .*b\.png not found"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -20,6 +21,7 @@ from e2edet.build import build_model, build_postprocessor
 from e2edet.config import Config, from_dict
 from e2edet.data.collate import pad_images
 from e2edet.data.coco import read_image
+from e2edet.data.errors import DatasetError, dataset_error
 from e2edet.data.transforms import build_eval_transforms
 from e2edet.engine.checkpoint import load_weights
 from e2edet.engine.device import select_device
@@ -83,6 +85,8 @@ class Predictor:
         self.postprocess = build_postprocessor(cfg)
         self.transform = build_eval_transforms(cfg.data.test_min_size, cfg.data.test_max_size)
         self.class_names = list(cfg.model.class_names)
+        self.skipped: list[tuple[Path, str]] = []
+        """``(file, reason)`` of the images the last :meth:`predict_files` call could not read."""
 
     @classmethod
     def from_weights(cls, weights: str | Path, device: str = "auto") -> "Predictor":
@@ -129,12 +133,26 @@ class Predictor:
         ``detections.json`` lists per image its file, size, picture and detections (``box_xyxy`` pixels of the
         original image, ``score``, ``label``, ``category``); detections below ``score_thresh`` are left out of
         both. Returns the JSON path.
+
+        A file that cannot be read as an image (missing, empty, truncated, not an image) is skipped with the
+        one-line warning ``e2edet: warning: <file>: skipped: <reason>`` on stderr and listed in
+        :attr:`skipped`; the other images are still processed and written.
+
+        Raises:
+            DatasetError: every one of the (non-empty) ``files`` is unreadable; nothing is written then.
         """
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         records, used = [], set()
+        self.skipped = []
         for path in files:
-            image = read_image(path)
+            try:
+                image = read_image(path)
+            except DatasetError as exc:
+                reason = exc.problem or str(exc)
+                self.skipped.append((Path(path), reason))
+                print(f"e2edet: warning: {path}: skipped: {reason}", file=sys.stderr, flush=True)
+                continue
+            out_dir.mkdir(parents=True, exist_ok=True)
             det = self([image])[0]
             keep = det["scores"] >= score_thresh
             det = {k: v[keep] for k, v in det.items()}
@@ -156,6 +174,11 @@ class Predictor:
                 records[-1]["picture"] = str(out_dir / f"{name}.png")
                 drawn = draw_detections(image, det, self.class_names)
                 Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(records[-1]["picture"])
+        if files and len(self.skipped) == len(files):
+            first, reason = self.skipped[0]
+            some = "the image is" if len(files) == 1 else f"all {len(files)} images are"
+            raise dataset_error(first, "image", f"{reason}; {some} unreadable, no detections written")
+        out_dir.mkdir(parents=True, exist_ok=True)
         json_path = out_dir / "detections.json"
         tmp = json_path.with_name(json_path.name + ".tmp")
         tmp.write_text(json.dumps(records, indent=1))

@@ -9,42 +9,81 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
 from e2edet.data.errors import dataset_error
-from e2edet.data.validate import load_coco_json, validate_coco
+from e2edet.data.validate import image_problem, load_coco_json, validate_coco
 
-__all__ = ["CocoDetection", "read_image"]
+__all__ = ["CocoDetection", "read_image", "pil_to_rgb"]
+
+
+def _to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A ``uint16`` image (16-bit PNG) scaled to ``uint8`` (``round(v / 257)``: 65535 -> 255); uint8 unchanged."""
+    if image.dtype == torch.uint8:
+        return image
+    return torch.div(image.to(torch.int32) * 255 + 32767, 65535, rounding_mode="floor").to(torch.uint8)
+
+
+def pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """Convert a PIL image of any mode to an 8-bit RGB ``uint8 [H, W, 3]`` array.
+
+    16-bit and 32-bit grayscale modes (``I;16*``, ``I``) are scaled, not clipped: values within ``0..65535``
+    are divided by 257 (16-bit range), larger ranges are scaled by their maximum; float images (``F``) in
+    ``[0, 1]`` are multiplied by 255, other ranges scaled by their maximum. Every other mode (``1``, ``L``,
+    ``LA``, ``P``, ``PA``, ``RGBA``, ``CMYK``, ``YCbCr``, ...) goes through PIL's ``convert("RGB")``.
+    """
+    if im.mode.startswith("I") or im.mode == "F":
+        values = np.asarray(im).astype(np.float64)
+        values = np.where(np.isfinite(values), values, 0.0).clip(min=0.0)
+        peak = float(values.max()) if values.size else 0.0
+        if im.mode == "F" and peak <= 1.0:
+            values = values * 255.0
+        elif peak <= 65535.0 and im.mode != "F":
+            values = values / 257.0
+        elif peak > 0:
+            values = values * (255.0 / peak)
+        gray = np.rint(values).clip(0, 255).astype(np.uint8)
+        return np.repeat(gray.reshape(gray.shape[0], gray.shape[1], 1), 3, axis=2)
+    return np.asarray(im.convert("RGB"))
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """Decode an image file to RGB.
+    """Decode an image file to 8-bit RGB.
 
     Decoded with ``torchvision.io.decode_image`` (JPEG, PNG, GIF, WebP); formats it cannot read (TIFF,
-    BMP, ...) are decoded with PIL. torchvision 0.29's deprecation warning for its decoders is silenced here.
+    BMP, ...) are decoded with PIL (see :func:`pil_to_rgb`). torchvision 0.29's deprecation warning for its
+    decoders is silenced here. 16-bit PNGs are scaled to 8 bits (``v / 257``).
 
     Returns:
-        ``uint8 [3, H, W]`` tensor (grayscale and RGBA files are converted to RGB).
+        ``uint8 [3, H, W]`` tensor (grayscale, palette, RGBA, CMYK and 16-bit files are converted to RGB).
 
     Raises:
-        DatasetError: the file is missing, unreadable or not a decodable image; the message names it.
+        DatasetError: ``"<image>: image: <problem>"`` when the file is missing, empty, truncated or not a
+            decodable image.
     """
     path = Path(path)
     if not path.is_file():
         raise dataset_error(path, "image", "file not found")
+    if path.stat().st_size == 0:
+        raise dataset_error(path, "image", "file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*image decoding and encoding", category=DeprecationWarning)
-            return decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as exc:
-        tv_error = exc
+            return _to_uint8(decode_image(str(path), mode=ImageReadMode.RGB))
+    except (RuntimeError, ValueError):
+        pass  # not a format torchvision decodes (or a corrupt file): PIL decides and explains
     try:
         with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise dataset_error(path, "image", f"cannot decode the image: {tv_error}; PIL: {exc}") from exc
+            im.load()
+            array = pil_to_rgb(im)
+    except MemoryError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... for corrupt files
+        raise dataset_error(path, "image", image_problem(exc)) from exc
+    if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise dataset_error(path, "image", f"has no pixels (shape {tuple(array.shape)})")
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -84,7 +123,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.image_root = Path(image_root)
         self.transforms = transforms
         self.coco = load_coco_json(self.ann_file)
-        validate_coco(self.coco, self.ann_file, self.image_root, check_files=check_files)
+        # images are decoded (and their size checked) one by one in __getitem__, not all at load time
+        validate_coco(self.coco, self.ann_file, self.image_root, check_files=check_files, decode_images=False)
         cats = sorted(self.coco["categories"], key=lambda c: c["id"])
         self.cat_ids = [c["id"] for c in cats]
         self.class_names = [str(c["name"]) for c in cats]

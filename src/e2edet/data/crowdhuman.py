@@ -27,9 +27,8 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from e2edet.data.errors import dataset_error
+from e2edet.data.validate import decode_image_size
 
 __all__ = ["BOX_TYPES", "read_odgt", "odgt_to_coco"]
 
@@ -64,6 +63,8 @@ def read_odgt(path: str | Path) -> list[tuple[int, dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise dataset_error(path, f"line {line_no} column {exc.colno}", f"invalid JSON: {exc.msg}") from exc
+        except (ValueError, RecursionError) as exc:  # e.g. an integer with more than 4300 digits
+            raise dataset_error(path, f"line {line_no}", f"invalid JSON: {' '.join(str(exc).split())}") from exc
         if not isinstance(record, dict):
             raise dataset_error(path, f"line {line_no}", f"expected a JSON object, got {type(record).__name__}")
         records.append((line_no, record))
@@ -79,7 +80,13 @@ def _find_image(images_dir: Path, image_id: str) -> Path | None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    """A finite real number (not a bool, NaN, infinity or an integer too large for a float)."""
+    if not isinstance(value, Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (OverflowError, ValueError):
+        return False
 
 
 def _flag(entry: dict, key: str, source: Path, record: str) -> bool:
@@ -108,7 +115,7 @@ def odgt_to_coco(
 
     Returns:
         COCO dict: images with ids ``1..N`` in file order, ``file_name`` relative to ``images_dir`` and
-        ``width``/``height`` read from the image header; ``categories = [{"id": 1, "name": class_name}]``;
+        ``width``/``height`` of the decoded image; ``categories = [{"id": 1, "name": class_name}]``;
         annotations with ``bbox`` COCO ``[x, y, w, h]`` pixels clipped to the image, ``area = w * h`` (after
         clipping), ``category_id = 1`` and ``iscrowd`` 0 (normal) or 1 (ignore region, see the module doc).
         Full-body boxes often extend past the image: every box is clipped to ``[0, W] x [0, H]`` and boxes
@@ -117,7 +124,8 @@ def odgt_to_coco(
     Raises:
         ValueError: ``box_type`` not in :data:`BOX_TYPES`.
         DatasetError: missing or unreadable ``.odgt`` file, a line that is not a JSON object, a record
-            without an ``ID`` or a ``gtboxes`` list, a duplicate ID, a missing or unreadable image, an entry
+            without an ``ID`` or a ``gtboxes`` list, a duplicate ID, a missing image, an unreadable, empty or
+            truncated image (the message names the image), an entry
             without a ``tag`` or with a bad box (not 4 finite numbers, or negative width/height); the message
             names the ``.odgt`` file and the line number (and the entry index in ``gtboxes``).
     """
@@ -150,12 +158,11 @@ def odgt_to_coco(
         if image is None:
             tried = ", ".join(f"{name}{s}" for s in IMAGE_SUFFIXES)
             raise dataset_error(odgt_path, where, f"image not found in {images_dir} (tried {tried})")
+        width, height = decode_image_size(image)  # decodes the whole file: truncated images are rejected
         try:
-            with Image.open(image) as im:
-                width, height = im.size
-        except (UnidentifiedImageError, OSError) as exc:
-            raise dataset_error(image, "header", f"cannot read the image: {exc}") from exc
-        file_name = image.relative_to(images_dir).as_posix()
+            file_name = image.relative_to(images_dir).as_posix()
+        except ValueError:
+            raise dataset_error(odgt_path, where, f"ID must name a file inside {images_dir}") from None
         coco["images"].append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         entries = record.get("gtboxes")
         if not isinstance(entries, list):

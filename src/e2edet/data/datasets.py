@@ -70,7 +70,8 @@ def voc_as_coco(voc_root: str | Path, name: str | None = None) -> DatasetPaths:
     """
     root = Path(voc_root).resolve()
     name = name or root.name
-    digest = hashlib.sha256(f"e2edet-voc-v1\n{root}\n".encode())
+    # v2: conversions decode every image and reject non-finite boxes; v1 entries may hold such data
+    digest = hashlib.sha256(f"e2edet-voc-v2\n{root}\n".encode())
     watched = sorted((root / "Annotations").glob("*.xml")) + sorted((root / "ImageSets" / "Main").glob("*.txt"))
     for path in watched:
         digest.update(f"{path.name}:{path.stat().st_mtime_ns}\n".encode())
@@ -86,7 +87,9 @@ def voc_as_coco(voc_root: str | Path, name: str | None = None) -> DatasetPaths:
 
 def _from_yaml(path: Path) -> DatasetPaths:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise dataset_error(path, "file", f"cannot be read as UTF-8 text: {exc}") from exc
     except yaml.YAMLError as exc:
         raise dataset_error(path, "file", f"invalid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -17,7 +17,14 @@ class DatasetError(ValueError):
 
     The message has the form ``"<file>: <record>: <problem>"``; several problems may be listed on
     separate lines after a summary line (see :func:`e2edet.data.validate.validate_coco`).
+
+    Errors built by :func:`dataset_error` also carry the parts of the message as attributes
+    ``source``, ``record`` and ``problem`` (``None`` otherwise, and after pickling to another process).
     """
+
+    source: str | None = None
+    record: str | None = None
+    problem: str | None = None
 
 
 class RegistryError(RuntimeError):
@@ -39,4 +46,6 @@ def dataset_error(source: str | Path, record: str, problem: str) -> DatasetError
     Returns:
         The exception (the caller raises it).
     """
-    return DatasetError(f"{source}: {record}: {problem}")
+    error = DatasetError(f"{source}: {record}: {problem}")
+    error.source, error.record, error.problem = str(source), record, problem
+    return error

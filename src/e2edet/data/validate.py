@@ -13,15 +13,62 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
 from e2edet.data.errors import DatasetError, dataset_error
 
-__all__ = ["load_coco_json", "validate_coco", "BOX_TOLERANCE", "MAX_LISTED_PROBLEMS"]
+__all__ = [
+    "load_coco_json", "validate_coco", "decode_image_size", "image_problem", "BOX_TOLERANCE", "MAX_LISTED_PROBLEMS",
+]
 
 BOX_TOLERANCE = 1.0
 """Pixels a COCO box may extend past the image border before it is reported as outside the image."""
 
 MAX_LISTED_PROBLEMS = 20
 """How many problems one :class:`DatasetError` from :func:`validate_coco` lists (the count is always given)."""
+
+
+def image_problem(exc: BaseException) -> str:
+    """One line saying why an image file could not be decoded, from the exception PIL (or torchvision) raised."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file PIL can read (unknown format or corrupt header)"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"image too large to decode safely: {exc}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if "truncated" in text.lower() or isinstance(exc, (EOFError, SyntaxError)):
+        return f"image file is truncated or corrupt ({text})"
+    return f"cannot decode the image ({type(exc).__name__}: {text})"
+
+
+def decode_image_size(path: str | Path) -> tuple[int, int]:
+    """Decode an image file completely (PIL) and return its ``(width, height)``.
+
+    JPEGs are decoded at reduced scale (``draft``), which still reads every byte of the compressed data, so a
+    truncated or corrupt file is found at a fraction of the cost of a full decode.
+
+    Raises:
+        DatasetError: ``"<image>: image: <problem>"`` when the file is missing, empty (0 bytes), not an image,
+            truncated or otherwise undecodable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise dataset_error(path, "image", "file not found")
+    if path.stat().st_size == 0:
+        raise dataset_error(path, "image", "file is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            if im.format == "JPEG":
+                im.draft(im.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
+            im.load()
+    except MemoryError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... for corrupt files
+        raise dataset_error(path, "image", image_problem(exc)) from exc
+    width, height = int(size[0]), int(size[1])
+    if width <= 0 or height <= 0:
+        raise dataset_error(path, "image", f"has no pixels ({width} x {height})")
+    return width, height
 
 
 def load_coco_json(path: str | Path) -> dict:
@@ -53,10 +100,18 @@ def load_coco_json(path: str | Path) -> dict:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise dataset_error(path, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}") from exc
+    except (ValueError, RecursionError) as exc:  # e.g. an integer with more than 4300 digits, absurd nesting
+        raise dataset_error(path, "file", f"invalid JSON: {' '.join(str(exc).split())}") from exc
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    """A finite real number (not a bool, NaN or infinity; JSON's ``NaN``/``Infinity`` and huge integers fail)."""
+    if not isinstance(value, Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (OverflowError, ValueError):
+        return False
 
 
 def _is_int(value: Any) -> bool:
@@ -74,7 +129,23 @@ def _malformed(section: str, index: int, item: Any, keys: tuple[str, ...], probl
     return bool(missing)
 
 
-def _check_images(images: list, problems: list[str], image_root: Path | None) -> dict[int, dict]:
+def _check_image_file(record: str, path: Path, img: dict, problems: list[str]) -> None:
+    """Decode ``path`` and compare its size with the record's ``width``/``height``; append problems."""
+    try:
+        width, height = decode_image_size(path)
+    except DatasetError as exc:
+        problems.append(f"{record}: image file {path}: {exc.problem or exc}")
+        return
+    if (width, height) != (img["width"], img["height"]):
+        problems.append(
+            f"{record}: JSON says width x height = {img['width']:g} x {img['height']:g} "
+            f"but the image file {path} is {width} x {height}"
+        )
+
+
+def _check_images(
+    images: list, problems: list[str], image_root: Path | None, decode: bool = False
+) -> dict[int, dict]:
     by_id: dict[int, dict] = {}
     for index, img in enumerate(images):
         if _malformed("images", index, img, ("id", "file_name", "width", "height"), problems):
@@ -96,6 +167,8 @@ def _check_images(images: list, problems: list[str], image_root: Path | None) ->
             continue
         if image_root is not None and not (image_root / name).is_file():
             problems.append(f"{record}: image file {image_root / name} not found")
+        elif image_root is not None and decode:
+            _check_image_file(record, image_root / name, img, problems)
         by_id[img_id] = img
     return by_id
 
@@ -155,7 +228,11 @@ def _check_annotations(anns: list, images: dict[int, dict], cat_ids: set[int], p
 
 
 def validate_coco(
-    coco: Any, source: str | Path, image_root: str | Path | None = None, check_files: bool = True
+    coco: Any,
+    source: str | Path,
+    image_root: str | Path | None = None,
+    check_files: bool = True,
+    decode_images: bool = True,
 ) -> None:
     """Check a COCO detection dict and report every problem at once.
 
@@ -164,13 +241,17 @@ def validate_coco(
     annotation ids; annotations refer to existing images and categories; ``bbox`` is 4 finite numbers
     ``[x, y, w, h]`` (COCO xywh, pixels) with ``w > 0`` and ``h > 0`` that lies inside the image up to
     :data:`BOX_TOLERANCE` pixels; ``iscrowd`` is 0/1; and, when ``check_files`` and ``image_root`` are
-    given, that every ``image_root / file_name`` exists.
+    given, that every ``image_root / file_name`` exists and (``decode_images``) decodes completely (not empty,
+    not truncated, see :func:`decode_image_size`) to the ``width`` x ``height`` the record gives.
 
     Args:
         coco: the parsed JSON (see :func:`load_coco_json`).
         source: the file it came from, used in messages.
         image_root: folder the ``file_name`` entries are relative to.
         check_files: check that the image files exist (needs ``image_root``).
+        decode_images: with ``check_files``, also decode every image and compare its size with the record
+            (slow on large datasets; :class:`~e2edet.data.coco.CocoDetection` turns it off and checks each
+            image when it loads it).
 
     Raises:
         DatasetError: listing up to :data:`MAX_LISTED_PROBLEMS` problems, one per line in the form
@@ -195,7 +276,7 @@ def validate_coco(
     root = Path(image_root) if (check_files and image_root is not None) else None
     if root is not None and not root.is_dir():
         raise dataset_error(source, "image_root", f"image folder {root} does not exist")
-    images = _check_images(coco["images"], problems, root)
+    images = _check_images(coco["images"], problems, root, decode=decode_images)
     cat_ids = _check_categories(coco["categories"], problems)
     _check_annotations(anns, images, cat_ids, problems)
     if not problems:

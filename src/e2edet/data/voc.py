@@ -12,14 +12,14 @@ true nor a false positive), which matches how VOC evaluation treats difficult ob
 
 from __future__ import annotations
 
+import math
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from e2edet.data.errors import dataset_error
+from e2edet.data.validate import decode_image_size
 
 __all__ = ["VocObject", "VocAnnotation", "parse_voc_xml", "read_split_ids", "voc_class_names", "voc_to_coco"]
 
@@ -69,8 +69,9 @@ def parse_voc_xml(path: str | Path, data: bytes | None = None) -> VocAnnotation:
         A :class:`VocAnnotation` with the raw VOC coordinates (1-based, inclusive, pixels).
 
     Raises:
-        DatasetError: the file is missing, is not well-formed XML, or an ``<object>`` lacks a name or a
-            ``<bndbox>`` with numeric ``xmin/ymin/xmax/ymax``, or has a non-0/1 ``difficult`` flag.
+        DatasetError: the file is missing, is not well-formed XML, ``<size>`` is not numeric, or an
+            ``<object>`` lacks a name or a ``<bndbox>`` with finite numeric ``xmin/ymin/xmax/ymax`` (NaN and
+            infinity are rejected), or has a non-0/1 ``difficult`` flag.
     """
     path = Path(path)
     try:
@@ -82,13 +83,19 @@ def parse_voc_xml(path: str | Path, data: bytes | None = None) -> VocAnnotation:
     except ET.ParseError as exc:
         line, col = exc.position
         raise dataset_error(path, f"line {line} column {col}", f"malformed XML: {exc}") from exc
+    except (ValueError, LookupError, RecursionError) as exc:  # e.g. an unknown encoding declaration
+        raise dataset_error(path, "file", f"malformed XML: {' '.join(str(exc).split())}") from exc
     width = height = None
     size = root.find("size")
     if size is not None:
+        raw_size = (_text(size, "width") or "0", _text(size, "height") or "0")
         try:
-            width, height = int(float(_text(size, "width") or 0)), int(float(_text(size, "height") or 0))
+            values = [float(v) for v in raw_size]
         except ValueError:
-            raise dataset_error(path, "<size>", "width/height are not numbers") from None
+            raise dataset_error(path, "<size>", f"width/height are not numbers: {raw_size[0]!r} x {raw_size[1]!r}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise dataset_error(path, "<size>", f"width/height must be finite numbers, got {raw_size[0]} x {raw_size[1]}")
+        width, height = int(values[0]), int(values[1])
         if width <= 0 or height <= 0:
             width = height = None
     ann = VocAnnotation(path=path, filename=_text(root, "filename") or None, width=width, height=height)
@@ -100,10 +107,14 @@ def parse_voc_xml(path: str | Path, data: bytes | None = None) -> VocAnnotation:
         box = obj.find("bndbox")
         if box is None:
             raise dataset_error(path, f"{record} ({name})", "has no <bndbox>")
+        keys = ("xmin", "ymin", "xmax", "ymax")
         try:
-            coords = [float(_text(box, k) or "") for k in ("xmin", "ymin", "xmax", "ymax")]
+            coords = [float(_text(box, k) or "") for k in keys]
         except ValueError:
             raise dataset_error(path, f"{record} ({name})", "<bndbox> needs numeric xmin, ymin, xmax, ymax") from None
+        if not all(math.isfinite(c) for c in coords):
+            given = ", ".join(f"{k}={_text(box, k)}" for k in keys)
+            raise dataset_error(path, f"{record} ({name})", f"<bndbox> coordinates must be finite numbers, got {given}")
         difficult = _text(obj, "difficult") or "0"
         if difficult not in ("0", "1"):
             raise dataset_error(path, f"{record} ({name})", f"<difficult> must be 0 or 1, got {difficult!r}")
@@ -120,7 +131,11 @@ def read_split_ids(voc_root: str | Path, split: str) -> list[str]:
     split_file = Path(voc_root) / "ImageSets" / "Main" / f"{split}.txt"
     if not split_file.is_file():
         raise dataset_error(split_file, "file", f"split '{split}' not found (expected one image id per line)")
-    ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    try:
+        text = split_file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise dataset_error(split_file, "file", f"cannot be read as UTF-8 text: {exc}") from exc
+    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
     if not ids:
         raise dataset_error(split_file, "file", "lists no image ids")
     return ids
@@ -128,6 +143,8 @@ def read_split_ids(voc_root: str | Path, split: str) -> list[str]:
 
 def _xml_files(voc_root: Path, split: str | None, ann_dir: str) -> list[Path]:
     folder = voc_root / ann_dir
+    if not folder.is_dir():
+        raise dataset_error(folder, "folder", "annotation folder does not exist (expected a Pascal VOC root)")
     if split is None:
         files = sorted(folder.glob("*.xml"))
         if not files:
@@ -164,11 +181,7 @@ def _find_image(ann: VocAnnotation, image_root: Path) -> Path:
 
 
 def _image_size(ann: VocAnnotation, image: Path) -> tuple[int, int]:
-    try:
-        with Image.open(image) as im:
-            real = im.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise dataset_error(image, "header", f"cannot read the image: {exc}") from exc
+    real = decode_image_size(image)  # decodes the whole file: truncated or corrupt images are rejected here
     if ann.width is not None and (ann.width, ann.height) != real:
         raise dataset_error(
             ann.path, "<size>", f"says {ann.width} x {ann.height} but image {image.name} is {real[0]} x {real[1]}"
@@ -229,25 +242,27 @@ def voc_to_coco(
 
     Returns:
         COCO dict: images with ids ``1..N`` in split order, ``file_name`` relative to ``voc_root/image_dir``
-        and the size read from the image header; categories with ids ``1..K`` in class order;
+        and the size of the decoded image; categories with ids ``1..K`` in class order;
         annotations with ``bbox`` COCO ``[x, y, w, h]`` pixels (see the module doc for the coordinate
         conversion) and ``iscrowd = 1`` for difficult objects. Boxes crossing the border by at most
         :func:`border_tolerance` are clipped and degenerate (zero-extent) boxes skipped, each kind
         reported by one counted ``UserWarning``.
 
     Raises:
-        DatasetError: missing split/XML/image file, unreadable image, ``<size>`` disagreeing with the
-            image, a class name not in ``class_names``, an inverted box or one far outside the image;
-            the message names the XML file and the object.
-        ValueError: ``class_names`` empty or with duplicates (also when no object was found at all).
+        DatasetError: missing split/XML/image file, unreadable, empty or truncated image (the message names
+            the image), ``<size>`` disagreeing with the image, a class name not in ``class_names``, a
+            non-finite, inverted or far-outside box (the message names the XML file and the object), no
+            object in any file, or ``class_names`` empty or with duplicates.
     """
     root = Path(voc_root)
     xml_files = _xml_files(root, split, ann_dir)
     annotations = [parse_voc_xml(xml) for xml in xml_files]
     if class_names is None:
         class_names = sorted({obj.name for ann in annotations for obj in ann.objects})
-    if len(set(class_names)) != len(class_names) or not class_names:
-        raise ValueError(f"voc_to_coco: class_names must be non-empty and unique, got {class_names}")
+    if not class_names:
+        raise dataset_error(root / ann_dir, "folder", f"no <object> found in any of the {len(xml_files)} XML files")
+    if len(set(class_names)) != len(class_names):
+        raise dataset_error(root, "class names", f"must be unique, got {list(class_names)}")
     label_of = {name: i for i, name in enumerate(class_names)}
     coco: dict = {
         "info": {"description": f"converted from Pascal VOC {root} split={split}"},

@@ -7,14 +7,15 @@ A YOLO label file ``labels_dir/<image stem>.txt`` has one object per line, ``cla
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import yaml
-from PIL import Image, UnidentifiedImageError
 
 from e2edet.data.errors import dataset_error
+from e2edet.data.validate import decode_image_size
 
 __all__ = ["read_class_names", "yolo_to_coco", "YOLO_TOLERANCE"]
 
@@ -38,23 +39,30 @@ def read_class_names(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise dataset_error(path, "file", "class-name file does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise dataset_error(path, "file", f"cannot be read as UTF-8 text: {exc}") from exc
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise dataset_error(path, "file", f"invalid YAML: {exc}") from exc
         if not isinstance(data, dict) or "names" not in data:
             raise dataset_error(path, "top level", "no 'names' key (list or {index: name} mapping)")
         names = data["names"]
         if isinstance(names, dict):
-            if sorted(names) != list(range(len(names))):
-                raise dataset_error(path, "names", f"keys must be 0..{len(names) - 1}, got {sorted(names)}")
+            keys = list(names)
+            if not all(isinstance(k, int) and not isinstance(k, bool) for k in keys) or sorted(keys) != list(
+                range(len(keys))
+            ):
+                raise dataset_error(path, "names", f"keys must be 0..{len(names) - 1}, got {keys}")
             names = [names[i] for i in range(len(names))]
         if not isinstance(names, list):
             raise dataset_error(path, "names", f"expected a list or mapping, got {type(names).__name__}")
         names = [str(n).strip() for n in names]
     else:
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise dataset_error(path, "names", "no class names found")
     for index, name in enumerate(names):
@@ -73,6 +81,8 @@ def _parse_line(label_file: Path, line_no: int, line: str, num_classes: int) -> 
         values = [float(v) for v in fields[1:]]
     except ValueError:
         raise dataset_error(label_file, record, f"fields must be numbers: {line!r}") from None
+    if not all(math.isfinite(v) for v in (cls_value, *values)):
+        raise dataset_error(label_file, record, f"fields must be finite numbers (no nan/inf): {line!r}")
     if not cls_value.is_integer() or not 0 <= cls_value < num_classes:
         raise dataset_error(label_file, record, f"class {fields[0]} out of range 0..{num_classes - 1}")
     if not all(-YOLO_TOLERANCE <= v <= 1 + YOLO_TOLERANCE for v in values):
@@ -89,28 +99,37 @@ def yolo_to_coco(
 
     Args:
         images_dir: folder with the images (``.jpg .jpeg .png .bmp .tif .tiff .webp``; not recursive).
-        labels_dir: folder with ``<image stem>.txt`` label files. An image without one has no boxes.
+        labels_dir: folder with ``<image stem>.txt`` label files. An image without one has no boxes (a
+            background image), but at least one image must have a label file.
         class_names: names in class-index order, or a file for :func:`read_class_names`.
 
     Returns:
-        COCO dict: images with ids ``1..N`` in sorted file-name order (size from the image header,
+        COCO dict: images with ids ``1..N`` in sorted file-name order (size of the decoded image,
         ``file_name`` relative to ``images_dir``), categories ``1..K`` in class order, annotations with
         ``bbox`` COCO ``[x, y, w, h]`` pixels, clipped to the image. Label files without an image are
         reported by one counted ``UserWarning``.
 
     Raises:
-        DatasetError: no images, unreadable image header, or a bad label line (field count, non-numeric,
-            class out of range, value outside ``[0, 1]`` by more than :data:`YOLO_TOLERANCE`, non-positive
-            size); the message names the label file and the line number.
+        DatasetError: a missing images or labels folder, no images, no label file for any image, an
+            unreadable, empty or truncated image (the message names it), or a bad label line (field count,
+            non-numeric or non-finite, class out of range, value outside ``[0, 1]`` by more than
+            :data:`YOLO_TOLERANCE`, non-positive size); the message names the label file and the line number.
     """
     images_dir, labels_dir = Path(images_dir), Path(labels_dir)
     if not isinstance(class_names, (list, tuple)):
         class_names = read_class_names(class_names)
     if not images_dir.is_dir():
         raise dataset_error(images_dir, "folder", "images folder does not exist")
+    if not labels_dir.is_dir():
+        raise dataset_error(labels_dir, "folder", "labels folder does not exist")
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise dataset_error(images_dir, "folder", f"contains no images ({', '.join(IMAGE_SUFFIXES)})")
+    if not any((labels_dir / f"{image.stem}.txt").is_file() for image in images):
+        raise dataset_error(
+            labels_dir, "folder", f"has no label file for any of the {len(images)} images in {images_dir} "
+            f"(expected <image stem>.txt, e.g. {images[0].stem}.txt)"
+        )
     coco: dict = {
         "info": {"description": f"converted from YOLO labels {labels_dir}"},
         "images": [],
@@ -118,16 +137,16 @@ def yolo_to_coco(
         "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)],
     }
     for image_id, image in enumerate(images, start=1):
-        try:
-            with Image.open(image) as im:
-                width, height = im.size
-        except (UnidentifiedImageError, OSError) as exc:
-            raise dataset_error(image, "header", f"cannot read the image: {exc}") from exc
+        width, height = decode_image_size(image)  # decodes the whole file: truncated images are rejected
         coco["images"].append({"id": image_id, "file_name": image.name, "width": width, "height": height})
         label_file = labels_dir / f"{image.stem}.txt"
         if not label_file.is_file():
             continue
-        for line_no, line in enumerate(label_file.read_text().splitlines(), start=1):
+        try:
+            text = label_file.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise dataset_error(label_file, "file", f"cannot be read as UTF-8 text: {exc}") from exc
+        for line_no, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             cls, (cx, cy, w, h) = _parse_line(label_file, line_no, line, len(class_names))
