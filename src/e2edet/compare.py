@@ -114,7 +114,7 @@ def compare(recipes: Sequence[str], overrides: Sequence[str], out_dir: str | Pat
         run_dir = out_dir / "runs" / name
         if not (reuse and (run_dir / "summary.json").is_file()):
             cmd = [sys.executable, "-m", "e2edet", "train", recipe, *overrides, f"output={out_dir / 'runs'}",
-                   "--pictures", "0"]
+                   "--pictures", "0", "--exist-ok"]
             print(f"\n=== {name}: {' '.join(cmd[2:])}", flush=True)
             (run_dir / "summary.json").unlink(missing_ok=True)
             code = subprocess.run(cmd, env=os.environ.copy()).returncode

@@ -6,6 +6,7 @@ Each job prints a short report and writes its files into the run folder (``outpu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import statistics
@@ -22,9 +23,10 @@ from e2edet.engine.device import init_distributed
 from e2edet.engine.evaluator import evaluate, format_results_table, save_results
 from e2edet.engine.logger import read_metrics
 from e2edet.engine.rng import seed_everything
+from e2edet.engine.run_dir import lock_run_dir, new_run_dir, run_dir_of_checkpoint
 from e2edet.engine.trainer import Trainer
 from e2edet.inference import Predictor
-from e2edet.utils.dist import is_main_process
+from e2edet.utils.dist import broadcast_object, is_main_process
 
 
 def primary_metric(cfg: Config) -> str:
@@ -42,16 +44,34 @@ def _report(results: dict, cfg: Config, title: str) -> None:
         print(f"(primary metric for {cfg.name}: {primary_metric(cfg)})")
 
 
-def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8) -> dict:
+def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8, exist_ok: bool = False) -> dict:
     """Train ``cfg``, evaluating AP with and without NMS on the validation split, and draw predictions.
+
+    The run folder is ``cfg.run_dir`` (``output_dir/name``), or its first free numbered sibling (``name-2``,
+    ``name-3``, ...) when that already holds files; ``exist_ok`` reuses it instead, after removing the previous
+    run's outputs (:func:`e2edet.engine.run_dir.clear_run`). ``resume`` trains on in the folder it names. A lock
+    file keeps a second training out of a folder in use.
 
     Returns:
         The final evaluation results (``{"no_nms": {...}, "nms": {...}, ...}``); empty when a resumed run had
         nothing left to train.
     Raises:
-        ConfigError / DatasetError: bad config or data (before any training starts).
+        ConfigError / DatasetError: bad config or data (before any training starts); the run folder is locked by
+            another training.
+        FloatingPointError: the training diverged (see :class:`e2edet.engine.trainer.Trainer`).
+        TrainingInterrupted: SIGINT/SIGTERM; ``checkpoints/last`` holds the current iteration.
     """
     device, _ = init_distributed(cfg.train.device)  # before the loaders: their samplers shard by rank
+    if resume is not None:
+        run_dir = run_dir_of_checkpoint(resume)
+    else:
+        run_dir = broadcast_object(new_run_dir(cfg.run_dir, exist_ok=exist_ok) if is_main_process() else None)
+    with lock_run_dir(run_dir) if is_main_process() else contextlib.nullcontext():
+        return _train(cfg, run_dir, device, resume, num_pictures)
+
+
+def _train(cfg: Config, run_dir: Path, device: torch.device, resume: str | Path | None, num_pictures: int) -> dict:
+    """:func:`train` inside its locked run folder."""
     data = build_datasets(cfg)
     fill_classes(cfg, data.train.class_names)
     seed_everything(cfg.train.seed)  # model initialisation is part of a repeatable run
@@ -61,10 +81,7 @@ def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8) 
     t = cfg.train
     train_loader = build_loader(data.train, t.batch_size, train=True, workers=t.workers, seed=t.seed)
     val_loader = build_loader(data.val, t.batch_size, train=False, workers=t.workers, seed=t.seed)
-    run_dir = cfg.run_dir
     if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
         n_train, n_val = len(data.train), len(data.val)
         print(f"{cfg.name}: {n_train} train / {n_val} val images, {cfg.model.num_classes} classes "
               f"{list(cfg.model.class_names)}; run folder {run_dir}")
@@ -79,7 +96,11 @@ def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8) 
     trainer = Trainer(model, criterion, train_loader, t, run_dir, config_dict=to_dict(cfg),
                       evaluate_fn=evaluate_fn, best_metric=primary_metric(cfg))
     try:
-        summary = trainer.fit(resume=resume)
+        if resume is not None:
+            trainer.resume(resume)  # a checkpoint of another model fails here, before config.yaml is touched
+        if is_main_process():
+            save_config(cfg, run_dir / "config.yaml")
+        summary = trainer.fit()
     finally:
         trainer.close()
     results = summary["eval"]

@@ -144,6 +144,7 @@ class Trainer:
         self.last_eval: dict | None = None
         self.last_train: dict | None = None
         self._stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler during fit()
+        self._resumed = False
 
     def close(self) -> None:
         """Destroy the process group if this trainer created it (call once all distributed work is done)."""
@@ -181,6 +182,7 @@ class Trainer:
                              f"({self.iters_per_epoch} iterations per epoch, {self.total_iters} in all); "
                              f"resume with the dataset, batch size and schedule it was trained with")
         self.best = state.get("best_metric")
+        self._resumed = True
         self.logger.truncate_after(self.iteration)
         if get_rank() == 0 and "rng" in state:
             restore_rng_state(state["rng"])
@@ -194,8 +196,8 @@ class Trainer:
         """Train until ``total_iters`` (or until ``stop_epoch`` finished epochs, for time-sliced jobs).
 
         Args:
-            resume: checkpoint/run dir to continue from (continues at the next epoch), or None to start fresh
-                (RNGs seeded from ``cfg.seed + rank``).
+            resume: checkpoint/run dir to continue from (at the iteration it was saved), or None to start fresh
+                (RNGs seeded from ``cfg.seed + rank``) unless :meth:`resume` was called already.
             stop_epoch: stop after this many finished epochs and save ``last``; the schedule still spans the whole
                 run, so a later ``fit(resume=...)`` continues exactly.
         Returns:
@@ -209,7 +211,7 @@ class Trainer:
         """
         if resume is not None:
             self.resume(resume)
-        else:
+        elif not self._resumed:
             seed_everything(int(self.cfg.seed) + get_rank())
         self.model.train()
         with self._stop_on_signals():

@@ -43,3 +43,12 @@ def reduce_mean(value: torch.Tensor | float, device: torch.device | None = None)
         dist.all_reduce(t)
         t /= get_world_size()
     return t
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every process (``obj`` itself when not distributed); it must be picklable."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
