@@ -154,3 +154,98 @@ def test_save_coco_json_is_atomic(tmp_path):
         save_coco_json({"images": [object()]}, path)
     assert json.loads(path.read_text()) == {"images": [1]}  # old content intact
     assert sorted(p.name for p in path.parent.iterdir()) == ["out.json"]  # no temp file left
+
+
+def _truncate(path, keep=0.5):
+    """Cut an image file to ``keep`` of its bytes (a partial download)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _noisy_jpeg(path, size=(64, 48)):
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999"])
+def test_voc_non_finite_coordinates_are_rejected(tmp_path, value):
+    write_voc(tmp_path, "a", [("cat", 1, 1, 5, 5), ("cat", value, 2, 10, 12)])
+    with pytest.raises(DatasetError, match=r"a\.xml: <object> #2 \(cat\): <bndbox> coordinates must be finite "
+                                           r"numbers, got xmin=" + value.replace("-", r"\-")):
+        voc_to_coco(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e999"])
+def test_voc_non_finite_size_is_rejected(tmp_path, value):
+    write_voc(tmp_path, "a", [("cat", 1, 1, 5, 5)], xml_size=(value, 48))
+    with pytest.raises(DatasetError, match=r"a\.xml: <size>: width/height must be finite numbers"):
+        voc_to_coco(tmp_path)
+
+
+def test_voc_truncated_and_empty_images_are_rejected(tmp_path):
+    write_voc(tmp_path, "a", [("cat", 1, 1, 5, 5)])
+    (tmp_path / "JPEGImages" / "a.png").unlink()
+    _noisy_jpeg(tmp_path / "JPEGImages" / "a.jpg")
+    assert voc_to_coco(tmp_path)["images"][0]["file_name"] == "a.jpg"
+    _truncate(tmp_path / "JPEGImages" / "a.jpg")
+    with pytest.raises(DatasetError, match=r"JPEGImages/a\.jpg: image: image file is truncated or corrupt") as info:
+        voc_to_coco(tmp_path)
+    assert "\n" not in str(info.value)
+    (tmp_path / "JPEGImages" / "a.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"JPEGImages/a\.jpg: image: file is empty \(0 bytes\)"):
+        voc_to_coco(tmp_path)
+
+
+def test_voc_size_mismatch_names_both_sizes(tmp_path):
+    write_voc(tmp_path, "a", [("cat", 1, 1, 5, 5)], xml_size=(64, 50))
+    with pytest.raises(DatasetError, match=r"a\.xml: <size>: says 64 x 50 but image a\.png is 64 x 48"):
+        voc_to_coco(tmp_path)
+
+
+def test_voc_without_objects_or_annotation_folder(tmp_path):
+    write_voc(tmp_path, "a", [])
+    with pytest.raises(DatasetError, match=r"Annotations: folder: no <object> found in any of the 1 XML files"):
+        voc_to_coco(tmp_path)
+    with pytest.raises(DatasetError, match=r"nowhere/Annotations: folder: annotation folder does not exist"):
+        voc_to_coco(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("line", ["0 nan 0.5 0.2 0.2", "0 0.5 0.5 inf 0.2", "nan 0.5 0.5 0.2 0.2", "0 0.5 -inf 0.2 0.2"])
+def test_yolo_non_finite_values_are_rejected(tmp_path, line):
+    images, labels = _yolo_dir(tmp_path, ["0 0.5 0.5 0.1 0.1", line])
+    with pytest.raises(DatasetError, match=r"a\.txt: line 2: fields must be finite numbers"):
+        yolo_to_coco(images, labels, ["x", "y"])
+
+
+def test_yolo_missing_or_empty_folders(tmp_path):
+    images, labels = _yolo_dir(tmp_path, ["0 0.5 0.5 0.1 0.1"])
+    with pytest.raises(DatasetError, match=r"lables: folder: labels folder does not exist"):
+        yolo_to_coco(images, tmp_path / "lables", ["x", "y"])
+    with pytest.raises(DatasetError, match=r"imgs: folder: images folder does not exist"):
+        yolo_to_coco(tmp_path / "imgs", labels, ["x", "y"])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "zzz.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(DatasetError, match=r"other: folder: has no label file for any of the 2 images"):
+        yolo_to_coco(images, tmp_path / "other", ["x", "y"])
+    coco = yolo_to_coco(images, labels, ["x", "y"])  # b.png without a label file: a background image
+    assert len(coco["images"]) == 2 and len(coco["annotations"]) == 1
+
+
+def test_yolo_truncated_image_is_rejected(tmp_path):
+    images, labels = _yolo_dir(tmp_path, ["0 0.5 0.5 0.1 0.1"])
+    _noisy_jpeg(images / "a.jpg", (100, 50))
+    _truncate(images / "a.jpg")
+    with pytest.raises(DatasetError, match=r"images/a\.jpg: image: image file is truncated or corrupt"):
+        yolo_to_coco(images, labels, ["x", "y"])
+
+
+def test_yolo_label_file_not_text_and_bad_class_file(tmp_path):
+    images, labels = _yolo_dir(tmp_path, ["0 0.5 0.5 0.1 0.1"])
+    (labels / "a.txt").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DatasetError, match=r"a\.txt: file: cannot be read as UTF-8 text"):
+        yolo_to_coco(images, labels, ["x", "y"])
+    (tmp_path / "names.yaml").write_text("names: {a: cat, 0: dog}\n")
+    with pytest.raises(DatasetError, match=r"names\.yaml: names: keys must be 0\.\.1"):
+        read_class_names(tmp_path / "names.yaml")

@@ -150,3 +150,36 @@ def test_cli_convert_crowdhuman(tmp_path, images, capsys):
     assert [a["iscrowd"] for a in json.loads(out.read_text())["annotations"]] == [0, 1, 1, 1, 0]
     assert main(["data", "convert", "crowdhuman", str(odgt), "--out", str(out)]) == 2
     assert "usage: e2edet data convert crowdhuman" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("box", ["[NaN, 1, 10, 10]", "[1, 1, Infinity, 10]", "[1, -Infinity, 10, 10]", "[1, 1, 1e999, 10]",
+                                 "[1, 1, 1" + "0" * 400 + ", 10]"])
+def test_non_finite_box_is_rejected(tmp_path, images, box):
+    line = '{"ID": "img3", "gtboxes": [{"tag": "person", "fbox": ' + box + "}]}"
+    odgt = write_odgt(tmp_path, [line])
+    with pytest.raises(DatasetError, match=r"ann\.odgt: line 1 \(ID img3\) gtboxes\[0\]: bad fbox .*expected 4 numbers"):
+        odgt_to_coco(odgt, images)
+
+
+def test_truncated_or_empty_image_is_rejected(tmp_path, images):
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 256, (100, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(images / "img1.jpg", quality=90)
+    data = (images / "img1.jpg").read_bytes()
+    (images / "img1.jpg").write_bytes(data[: len(data) // 2])
+    odgt = write_odgt(tmp_path, [{"ID": "img1", "gtboxes": []}])
+    with pytest.raises(DatasetError, match=r"img1\.jpg: image: image file is truncated or corrupt"):
+        odgt_to_coco(odgt, images)
+    (images / "img1.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"img1\.jpg: image: file is empty \(0 bytes\)"):
+        odgt_to_coco(odgt, images)
+
+
+def test_json_beyond_parser_limits_is_a_dataset_error(tmp_path, images):
+    odgt = write_odgt(tmp_path, ['{"ID": "img3", "gtboxes": [' + "[" * 100000 + "]" * 100000 + "]}"])
+    with pytest.raises(DatasetError, match=r"ann\.odgt: line 1: invalid JSON"):
+        odgt_to_coco(odgt, images)
+    odgt = write_odgt(tmp_path, ['{"ID": ' + "1" * 5000 + ', "gtboxes": []}'])
+    with pytest.raises(DatasetError, match=r"ann\.odgt: line 1: invalid JSON"):
+        odgt_to_coco(odgt, images)

@@ -168,3 +168,57 @@ def test_invalid_annotation_file_is_rejected_at_load(coco_dir):
     (coco_dir / "ann.json").write_text(json.dumps(coco))
     with pytest.raises(DatasetError, match=r"ann\.json: annotation id 1 \(image id 10\): unknown category_id 77"):
         CocoDetection(coco_dir / "ann.json", coco_dir)
+
+
+def test_truncated_or_empty_image_in_getitem_names_the_file(coco_dir):
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 256, (50, 20, 3), dtype=np.uint8)
+    coco = json.loads((coco_dir / "ann.json").read_text())
+    coco["images"][1]["file_name"] = "b.jpg"
+    (coco_dir / "ann.json").write_text(json.dumps(coco))
+    Image.fromarray(pixels).save(coco_dir / "b.jpg", quality=90)
+    ds = CocoDetection(coco_dir / "ann.json", coco_dir)
+    assert ds[1][0].shape == (3, 50, 20)
+    data = (coco_dir / "b.jpg").read_bytes()
+    (coco_dir / "b.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError) as info:
+        ds[1]
+    assert type(info.value) is DatasetError and "\n" not in str(info.value)
+    assert str(info.value).startswith(f"{coco_dir / 'b.jpg'}: image: image file is truncated or corrupt")
+    (coco_dir / "b.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"b\.jpg: image: file is empty \(0 bytes\)"):
+        ds[1]
+
+
+def test_read_image_converts_every_mode_to_8bit_rgb(tmp_path):
+    import numpy as np
+
+    from e2edet.data.coco import read_image
+
+    ramp16 = (np.arange(6 * 4, dtype=np.uint16).reshape(4, 6) * 2849)  # 0 .. 65527
+    Image.fromarray(ramp16).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")
+    expected = np.rint(ramp16 / 257.0).astype(np.uint8)
+    for name in ("g16.png", "g16.tif"):
+        if name.endswith(".tif"):
+            Image.fromarray(ramp16).save(tmp_path / name)
+        image = read_image(tmp_path / name)
+        assert image.dtype == torch.uint8 and image.shape == (3, 4, 6), name
+        assert (image[0].numpy().astype(int) - expected).__abs__().max() <= 1, name
+        assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
+    Image.fromarray(ramp16.astype(np.int32)).save(tmp_path / "i32.tif")  # mode I, 16-bit range
+    assert (read_image(tmp_path / "i32.tif")[0].numpy().astype(int) - expected).__abs__().max() <= 1
+    Image.fromarray((ramp16 / 65535.0).astype(np.float32)).save(tmp_path / "f.tif")  # mode F in [0, 1]
+    assert (read_image(tmp_path / "f.tif")[0].numpy().astype(int) - expected).__abs__().max() <= 1
+    rgb = _gradient(6, 4)
+    for mode in ("L", "LA", "P", "RGBA", "1"):
+        rgb.convert(mode).save(tmp_path / f"{mode}.png")
+        image = read_image(tmp_path / f"{mode}.png")
+        assert image.dtype == torch.uint8 and image.shape == (3, 4, 6), mode
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    rgb.convert("CMYK").save(tmp_path / "cmyk.tif")
+    for name in ("cmyk.jpg", "cmyk.tif"):
+        image = read_image(tmp_path / name)
+        assert image.dtype == torch.uint8 and image.shape == (3, 4, 6), name

@@ -117,3 +117,95 @@ def test_load_coco_json_errors(tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(_coco()))
     assert load_coco_json(good) == _coco()
+
+
+def _images_dir(tmp_path):
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(tmp_path / "a.png")
+    Image.new("RGB", (20, 50), (10, 20, 30)).save(tmp_path / "b.png")
+    return tmp_path
+
+
+def _truncated_jpeg(path, size=(40, 30)):
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_images_are_decoded_empty_file(tmp_path):
+    root = _images_dir(tmp_path)
+    (root / "b.png").write_bytes(b"")
+    with pytest.raises(DatasetError) as info:
+        validate_coco(_coco(), "ann.json", root)
+    assert str(info.value) == f"ann.json: image id 2 (b.png): image file {root / 'b.png'}: file is empty (0 bytes)"
+
+
+def test_images_are_decoded_truncated_file(tmp_path):
+    root = _images_dir(tmp_path)
+    coco = _coco()
+    coco["images"][0]["file_name"] = "a.jpg"
+    _truncated_jpeg(root / "a.jpg")
+    with pytest.raises(DatasetError, match=r"^ann\.json: image id 1 \(a\.jpg\): image file .*a\.jpg: image file is "
+                                           r"truncated or corrupt \(image file is truncated"):
+        validate_coco(coco, "ann.json", root)
+    validate_coco(coco, "ann.json", root, decode_images=False)  # existence only
+
+
+def test_images_are_decoded_size_mismatch(tmp_path):
+    root = _images_dir(tmp_path)
+    coco = _coco()
+    coco["images"][1]["width"] = 21
+    with pytest.raises(DatasetError) as info:
+        validate_coco(coco, "ann.json", root)
+    assert str(info.value) == (f"ann.json: image id 2 (b.png): JSON says width x height = 21 x 50 "
+                               f"but the image file {root / 'b.png'} is 20 x 50")
+
+
+def test_several_image_problems_first_line_names_file_and_count(tmp_path):
+    root = _images_dir(tmp_path)
+    coco = _coco()
+    coco["images"][0]["height"] = 31
+    (root / "b.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError) as info:
+        validate_coco(coco, "ann.json", root)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "ann.json: 2 problems found (showing 2):"
+    assert "JSON says width x height = 40 x 31 but the image file" in lines[1]
+    assert lines[2].endswith("b.png: not an image file PIL can read (unknown format or corrupt header)")
+
+
+def test_decode_image_size(tmp_path):
+    Image.new("L", (7, 5)).save(tmp_path / "g.png")
+    assert decode_image_size(tmp_path / "g.png") == (7, 5)
+    with pytest.raises(DatasetError, match=r"nope\.png: image: file not found"):
+        decode_image_size(tmp_path / "nope.png")
+    _truncated_jpeg(tmp_path / "t.jpg")
+    with pytest.raises(DatasetError, match=r"t\.jpg: image: image file is truncated or corrupt"):
+        decode_image_size(tmp_path / "t.jpg")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 10 ** 400])
+def test_non_finite_numbers_are_rejected(value):
+    coco = _coco()
+    coco["annotations"].append(_ann(bbox=[1, 2, value, 3]))
+    with pytest.raises(DatasetError, match=r"^ann\.json: annotation id 5 \(image id 1\): bbox must be 4 finite numbers"):
+        validate_coco(coco, "ann.json", check_files=False)
+    coco = _coco()
+    coco["images"][0]["width"] = value
+    with pytest.raises(DatasetError, match=r"^ann\.json: image id 1 \(a\.png\): width/height must be positive numbers"):
+        validate_coco(coco, "ann.json", check_files=False)
+
+
+def test_json_nan_literals_and_parser_limits(tmp_path):
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(_coco()).replace("[1, 2, 10, 12]", "[NaN, 2, 10, 12]"))
+    with pytest.raises(DatasetError, match=r"nan\.json: annotation id 1 \(image id 1\): bbox must be 4 finite"):
+        validate_coco(load_coco_json(path), path, check_files=False)
+    path.write_text('{"images": ' + "1" * 5000 + "}")
+    with pytest.raises(DatasetError, match=r"nan\.json: file: invalid JSON"):
+        load_coco_json(path)
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(DatasetError, match=r"nan\.json: file: invalid JSON"):
+        load_coco_json(path)

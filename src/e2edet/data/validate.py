@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -144,9 +145,12 @@ def _check_image_file(record: str, path: Path, img: dict, problems: list[str]) -
 
 
 def _check_images(
-    images: list, problems: list[str], image_root: Path | None, decode: bool = False
+    images: list, problems: list[str], image_root: Path | None, decode: bool = False,
+    rejected: set[int] | None = None,
 ) -> dict[int, dict]:
+    """Check the image records; returns the valid ones by id and adds the ids of invalid ones to ``rejected``."""
     by_id: dict[int, dict] = {}
+    rejected = set() if rejected is None else rejected
     for index, img in enumerate(images):
         if _malformed("images", index, img, ("id", "file_name", "width", "height"), problems):
             continue
@@ -160,10 +164,13 @@ def _check_images(
             continue
         if not isinstance(name, str) or not name:
             problems.append(f"{record}: file_name must be a non-empty string")
+            rejected.add(img_id)
             continue
         w, h = img["width"], img["height"]
         if not (_is_number(w) and _is_number(h) and w > 0 and h > 0):
-            problems.append(f"{record}: width/height must be positive numbers, got {w!r} x {h!r}")
+            got = f"{reprlib.repr(w)} x {reprlib.repr(h)}"
+            problems.append(f"{record}: width/height must be positive numbers, got {got}")
+            rejected.add(img_id)
             continue
         if image_root is not None and not (image_root / name).is_file():
             problems.append(f"{record}: image file {image_root / name} not found")
@@ -189,7 +196,7 @@ def _check_categories(categories: list, problems: list[str]) -> set[int]:
 
 def _check_box(record: str, bbox: Any, img: dict, problems: list[str]) -> None:
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-        problems.append(f"{record}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+        problems.append(f"{record}: bbox must be 4 finite numbers [x, y, w, h], got {reprlib.repr(bbox)}")
         return
     x, y, w, h = (float(v) for v in bbox)
     if w <= 0 or h <= 0:
@@ -203,7 +210,10 @@ def _check_box(record: str, bbox: Any, img: dict, problems: list[str]) -> None:
         )
 
 
-def _check_annotations(anns: list, images: dict[int, dict], cat_ids: set[int], problems: list[str]) -> None:
+def _check_annotations(
+    anns: list, images: dict[int, dict], cat_ids: set[int], problems: list[str],
+    rejected: set[int] | frozenset[int] = frozenset(),
+) -> None:
     seen: set[Any] = set()
     for index, ann in enumerate(anns):
         if _malformed("annotations", index, ann, ("id", "image_id", "category_id", "bbox"), problems):
@@ -217,7 +227,7 @@ def _check_annotations(anns: list, images: dict[int, dict], cat_ids: set[int], p
             problems.append(f"{record}: duplicate annotation id")
         seen.add(ann["id"])
         img = images.get(ann["image_id"])
-        if img is None:
+        if img is None and ann["image_id"] not in rejected:  # a rejected image was reported already
             problems.append(f"{record}: unknown image_id {ann['image_id']!r}")
         if ann["category_id"] not in cat_ids:
             problems.append(f"{record}: unknown category_id {ann['category_id']!r}")
@@ -276,9 +286,10 @@ def validate_coco(
     root = Path(image_root) if (check_files and image_root is not None) else None
     if root is not None and not root.is_dir():
         raise dataset_error(source, "image_root", f"image folder {root} does not exist")
-    images = _check_images(coco["images"], problems, root, decode=decode_images)
+    rejected: set[int] = set()
+    images = _check_images(coco["images"], problems, root, decode=decode_images, rejected=rejected)
     cat_ids = _check_categories(coco["categories"], problems)
-    _check_annotations(anns, images, cat_ids, problems)
+    _check_annotations(anns, images, cat_ids, problems, rejected)
     if not problems:
         return
     if len(problems) == 1:
