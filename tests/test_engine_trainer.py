@@ -160,7 +160,8 @@ def test_max_iters_passes_epoch_to_criterion(tmp_path):
 
 def test_non_finite_loss_stops_with_clear_error(tmp_path):
     trainer = make_trainer(tmp_path, make_cfg(epochs=3), criterion=BoxCriterion(nan_at=3))
-    with pytest.raises(FloatingPointError, match=r"diverged at iteration 3 \(epoch 2\): non-finite loss loss_box .*loss_box=nan"):
+    expected = r"diverged at iteration 3 \(epoch 2\): non-finite loss loss_box \(loss_box=nan, loss_zero=nan, total_loss=nan\)"
+    with pytest.raises(FloatingPointError, match=expected):
         trainer.fit()
     state = load_checkpoint(tmp_path, TinyDetector())
     assert state["iteration"] == 2  # the last good checkpoint (end of epoch 1) is kept

@@ -367,8 +367,10 @@ class Trainer:
         values = dict(zip(names, stacked.tolist()))
         bad_losses = [k for k in [*loss_keys, "total_loss"] if not math.isfinite(values[k])]
         if bad_losses:
-            shown = ", ".join(f"{k}={values[k]:.4g}" for k in ["total_loss", *loss_keys])
-            raise FloatingPointError(self._non_finite_message(epoch, f"non-finite loss {bad_losses[0]} ({shown})"))
+            shown = ", ".join(f"{k}={values[k]:.4g}" for k in bad_losses[:4])
+            more = f" and {len(bad_losses) - 4} more" if len(bad_losses) > 4 else ""
+            raise FloatingPointError(self._non_finite_message(epoch, f"non-finite loss {bad_losses[0]} "
+                                                                     f"({shown}{more})"))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = float(getattr(self.cfg, "clip_grad_norm", 0.0) or 0.0)
