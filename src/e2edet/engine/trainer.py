@@ -260,7 +260,7 @@ class Trainer:
     def _check_stop(self) -> None:
         """On a pending stop signal: write ``checkpoints/last`` of the current iteration and raise
         :class:`TrainingInterrupted`."""
-        if not self._stop_requested():
+        if not self._stop_requested() or self.iteration >= self.total_iters:  # a finished run just ends
             return
         self.save("last")
         config = self.run_dir / "config.yaml"
