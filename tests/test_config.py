@@ -2,7 +2,8 @@
 
 import pytest
 
-from e2edet.config import Config, ConfigError, apply_overrides, from_dict, load_config, save_config, to_dict
+from e2edet.config import (RANGES, Config, ConfigError, apply_overrides, from_dict, load_config, parse_device,
+                           save_config, to_dict)
 from e2edet.recipes import get_recipe, list_recipes
 
 
@@ -65,3 +66,83 @@ def test_recipes_cover_the_published_variants():
     assert fcos.model.centerness and fcos.test.score == "cls_ctr_sqrt" and fcos.test.nms_iou == 0.6
     with pytest.raises(ConfigError, match="unknown recipe"):
         get_recipe("nope")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.fpn_channels=0", "model.fpn_channels must be >= 1, got 0"),
+    ("model.fpn_channels=-32", "model.fpn_channels must be >= 1"),
+    ("model.num_convs=-1", "model.num_convs must be >= 0"),
+    ("model.freeze_at=6", "model.freeze_at must be in [0, 5]"),
+    ("model.num_queries=0", "model.num_queries must be >= 1"),
+    ("model.dropout=1", "model.dropout must be in [0, 1)"),
+    ("test.topk_candidates=0", "test.topk_candidates must be >= 1, got 0"),
+    ("test.max_detections=0", "test.max_detections must be >= 1"),
+    ("test.score_thresh=1", "test.score_thresh must be in [0, 1)"),
+    ("test.nms_iou=-0.1", "test.nms_iou must be in [0, 1)"),
+    ("test.eval_nms_iou=0", "test.eval_nms_iou must be in (0, 1]"),
+    ("batch=0", "train.batch_size must be >= 1"),
+    ("workers=-1", "train.workers must be >= 0"),
+    ("lr=0", "train.lr must be > 0"),
+    ("lr=nan", "train.lr must be a finite number"),
+    ("lr=inf", "train.lr must be a finite number"),
+    ("train.momentum=1", "train.momentum must be in [0, 1)"),
+    ("train.weight_decay=-1e-4", "train.weight_decay must be >= 0"),
+    ("train.gamma=0", "train.gamma must be > 0"),
+    ("train.warmup_factor=0", "train.warmup_factor must be in (0, 1]"),
+    ("train.warmup_iters=-5", "train.warmup_iters must be >= 0"),
+    ("train.max_iters=-1", "train.max_iters must be >= 0"),
+    ("train.log_period=0", "train.log_period must be >= 1"),
+    ("train.eval_period=-1", "train.eval_period must be >= 0"),
+    ("seed=-1", "train.seed must be >= 0"),
+    ("train.steps=0.5,1.5", "train.steps must be in (0, 1)"),
+    ("data.train_min_sizes=640,0", "data.train_min_sizes must be >= 1"),
+    ("data.test_max_size=0", "data.test_max_size must be >= 1"),
+    ("data.flip_prob=2", "data.flip_prob must be in [0, 1]"),
+    ("loss.focal_gamma=-1", "loss.focal_gamma must be >= 0"),
+    ("loss.center_radius=0", "loss.center_radius must be > 0"),
+    ("loss.o2f_topk=0", "loss.o2f_topk must be >= 1"),
+    ("loss.giou_weight=nan", "loss.giou_weight must be a finite number"),
+    ("model.num_classes=-2", "model.num_classes must be >= 0"),
+])
+def test_out_of_range_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=f"^command line: {message}".replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        apply_overrides(Config(), [override])
+
+
+def test_ranges_name_real_keys_and_every_recipe_passes():
+    keys = {f"{s}.{k}" for s, sec in to_dict(Config()).items() if isinstance(sec, dict) for k in sec}
+    assert set(RANGES) <= keys
+    for name, _ in list_recipes():
+        from_dict(to_dict(get_recipe(name)), name)  # validates
+    assert apply_overrides(Config(), ["loss.focal_alpha=-1"]).loss.focal_alpha == -1  # alpha < 0 disables it
+
+
+def test_class_names_must_match_num_classes():
+    with pytest.raises(ConfigError, match="model.num_classes=3 but model.class_names lists 2 names"):
+        apply_overrides(Config(), ["model.num_classes=3", "model.class_names=a,b"])
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("auto", ("auto", None)), ("cpu", ("cpu", None)), ("CPU", ("cpu", None)), ("cuda", ("cuda", None)),
+    ("cuda:1", ("cuda", 1)), ("0", ("cuda", 0)), ("1", ("cuda", 1)), (0, ("cuda", 0)), ("mps", ("mps", None)),
+    ("mps:0", ("mps", 0)), (" cuda:0 ", ("cuda", 0)),
+])
+def test_device_forms(spec, parsed):
+    assert parse_device(spec) == parsed
+    assert apply_overrides(Config(), [f"device={spec}"]).train.device == str(spec).strip()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("gpu", "train.device='gpu' is not a device .*for a GPU write cuda or 0"),
+    ("tpu", "train.device='tpu' is not a device"),
+    ("cuda:x", "train.device='cuda:x': the device index must be a number"),
+    ("cuda:", "train.device='cuda:': the device index must be a number"),
+    ("cuda:-1", "the device index must be a number"),
+    ("mps:1", "Apple MPS has a single device"),
+    ("0,1", "one device per process"),
+    ("", "is not a device"),
+])
+def test_bad_device_strings_name_the_key(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(Config(), [f"device={spec}"])

@@ -7,6 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from e2edet.config import ConfigError, parse_device
 from e2edet.utils.dist import is_dist
 
 
@@ -15,21 +16,47 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def select_device(spec: str = "auto", rank: int | None = None) -> torch.device:
-    """Resolve a device string: ``"auto"`` (CUDA if available, else CPU), ``"cuda"``, ``"cuda:N"``, ``"cpu"``.
+class DeviceError(ConfigError, RuntimeError):
+    """A device setting names a device this machine does not have (no CUDA, index out of range, no MPS), or is
+    not a device at all. A :class:`~e2edet.config.ConfigError` (the command line exits with status 2 and one
+    line) and, as before, a ``RuntimeError``."""
+
+
+def select_device(spec: str = "auto", rank: int | None = None, key: str = "device") -> torch.device:
+    """Resolve a device setting and check that the device exists.
+
+    Accepted forms (see :func:`e2edet.config.parse_device`): ``"auto"`` (CUDA if available, else CPU), ``"cpu"``,
+    ``"cuda"``, ``"cuda:N"``, ``"N"`` (= ``"cuda:N"``, as in Ultralytics) and ``"mps"``.
 
     Args:
         spec: the device setting.
         rank: GPU index used for ``"auto"``/``"cuda"`` (default: :func:`local_rank`, the process's GPU).
+        key: name of the setting in messages (``train.device``, ``--device``).
     Raises:
-        RuntimeError: CUDA was requested but is not available.
+        DeviceError: a malformed setting, or CUDA/MPS requested but unavailable, or a GPU index this machine
+            does not have; the one-line message names ``key``.
     """
-    spec = str(spec).lower()
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {spec!r} requested but CUDA is not available; use device=cpu or auto")
-    return torch.device(f"cuda:{local_rank() if rank is None else rank}" if spec == "cuda" else spec)
+    try:
+        kind, index = parse_device(spec, key)
+    except ConfigError as err:
+        raise DeviceError(str(err)) from None
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DeviceError(f"{key}={spec!r}: Apple MPS is not available on this machine; use cpu or auto")
+        return torch.device("mps")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"{key}={spec!r}: CUDA is not available on this machine; use cpu or auto")
+    count = torch.cuda.device_count()
+    if index is None:
+        index = local_rank() if rank is None else rank
+    if index >= count:
+        have = "cuda:0" if count == 1 else f"cuda:0 .. cuda:{count - 1}"
+        raise DeviceError(f"{key}={spec!r}: there is no CUDA device {index} on this machine ({count} found: {have})")
+    return torch.device("cuda", index)
 
 
 def init_distributed(spec: str = "auto") -> tuple[torch.device, bool]:
@@ -43,9 +70,9 @@ def init_distributed(spec: str = "auto") -> tuple[torch.device, bool]:
     Returns:
         ``(device, created)``: ``created`` is True when this call initialised the process group.
     Raises:
-        RuntimeError: CUDA requested but unavailable.
+        DeviceError: a malformed setting or an absent device (names ``train.device``).
     """
-    device = select_device(spec)
+    device = select_device(spec, key="train.device")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_dist():
         return device, False
     if device.type == "cuda":
