@@ -139,11 +139,19 @@ def test_missing_and_corrupt_files(tmp_path):
 def test_shape_mismatch_lists_keys(tmp_path):
     save_checkpoint(tmp_path, "last", _net(out=2), None, None, {}, {})
     other = _net(out=5)
-    with pytest.raises(RuntimeError, match=r"3\.weight: checkpoint \(2, 4, 1, 1\) vs model \(5, 4, 1, 1\)"):
+    with pytest.raises(ckpt.WeightsMismatchError) as info:
         load_checkpoint(tmp_path, other)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(tmp_path / "checkpoints" / "last" / "model.safetensors"))
+    assert ": does not match the model: 2 shape mismatches (3.bias: file (2,) vs model (5,), " \
+           "3.weight: file (2, 4, 1, 1) vs model (5, 4, 1, 1))" in message
+    assert isinstance(info.value, RuntimeError)  # what load_model_weights raised before
     extra = nn.Sequential(*_net(out=2), nn.Conv2d(2, 2, 1))
-    with pytest.raises(RuntimeError, match=r"missing keys \(2\): 4\.bias, 4\.weight"):
+    with pytest.raises(RuntimeError, match=r"2 missing keys \(4\.bias, 4\.weight\)"):
         load_checkpoint(tmp_path, extra)
+    fewer = nn.Sequential(*list(_net(out=2))[:3])
+    with pytest.raises(ckpt.WeightsMismatchError, match=r"2 unexpected keys \(3\.bias, 3\.weight\)"):
+        load_checkpoint(tmp_path, fewer)
     before = other[3].weight.clone()
     with pytest.warns(UserWarning, match="skipped"):
         load_checkpoint(tmp_path, other, strict=False)
@@ -160,3 +168,35 @@ def test_metadata_is_json(tmp_path):
         meta = f.metadata()
     assert meta["format"] == "e2edet-v1" and json.loads(meta["e2edet_config"]) == {"train": {"lr": 0.01}}
     assert load_weights(tmp_path)[1] == {"train": {"lr": 0.01}}  # run dir -> best
+
+
+def test_mismatch_message_shows_first_keys_and_counts():
+    target = {f"k{i}": (2,) for i in range(6)}
+    assert ckpt.weights_mismatch(target, dict(target)) is None
+    found = {"k0": (3,), "k1": (2,), "x": (1,)}
+    assert ckpt.weights_mismatch(target, found) == ("4 missing keys (k2, k3, k4, ...), 1 unexpected key (x), "
+                                                    "1 shape mismatch (k0: file (3,) vs model (2,))")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, value):
+    model = _net()
+    with torch.no_grad():
+        model[3].weight[0, 0] = value
+        model[0].bias[1] = value
+    path = save_checkpoint(tmp_path, "best", model, None, None, {}, {}) / "model.safetensors"
+    with pytest.raises(ckpt.WeightsError, match=rf"^{path}: tensor 0\.bias holds 1 non-finite value \(NaN/inf\) "
+                                                 r"\(and 1 more tensor\)"):
+        load_weights(tmp_path)
+    with pytest.raises(ValueError, match="non-finite"):  # a ValueError, as the other unusable-file errors
+        load_checkpoint(tmp_path, _net())
+
+
+def test_header_gives_shapes_without_reading_tensors(tmp_path):
+    save_checkpoint(tmp_path, "best", _net(), None, None, {}, {"model": {"arch": "dense"}})
+    file, shapes, config = ckpt.read_weights_header(tmp_path)
+    assert file == tmp_path / "checkpoints" / "best" / "model.safetensors"
+    assert shapes["3.weight"] == (2, 4, 1, 1) and config == {"model": {"arch": "dense"}}
+    file.write_bytes(file.read_bytes()[:50])
+    with pytest.raises(ckpt.WeightsError, match="is not a readable safetensors"):
+        ckpt.read_weights_header(file)

@@ -31,6 +31,45 @@ WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "state.pt"
 
 
+class WeightsError(ValueError):
+    """A weights file cannot be used: unreadable or not safetensors, another format version, bad metadata, or
+    tensors holding NaN/inf. The one-line message starts with the file."""
+
+
+class WeightsMismatchError(WeightsError, RuntimeError):
+    """Weights do not fit the model they are loaded into (missing, unexpected or mis-shaped tensors), e.g. a
+    checkpoint of another recipe or class count. One line: the file, the counts and the first keys of each kind.
+    Also a ``RuntimeError``, which :func:`load_model_weights` raised before."""
+
+
+def _first(keys: list[str], n: int = 3) -> str:
+    """``a, b, c, ...`` (the first ``n`` keys)."""
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else ("es" if word.endswith("h") else "s"))
+
+
+def weights_mismatch(target: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> str | None:
+    """Compare the tensor shapes a model expects with those of a weights file.
+
+    Args:
+        target: ``key -> shape`` of the model's state dict; found: ``key -> shape`` of the file.
+    Returns:
+        None when they agree, else one line such as ``"2 missing keys (head.cls.weight, head.cls.bias),
+        1 shape mismatch (head.cls.weight: file (2, 32, 3, 3) vs model (5, 32, 3, 3))"``.
+    """
+    missing = sorted(set(target) - set(found))
+    unexpected = sorted(set(found) - set(target))
+    mismatched = sorted(f"{k}: file {tuple(v)} vs model {tuple(target[k])}"
+                        for k, v in found.items() if k in target and tuple(v) != tuple(target[k]))
+    parts = [f"{_plural(len(keys), word)} ({_first(keys)})"
+             for word, keys in (("missing key", missing), ("unexpected key", unexpected),
+                                ("shape mismatch", mismatched)) if keys]
+    return ", ".join(parts) or None
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside ``DistributedDataParallel``/``DataParallel`` wrappers (``model`` itself otherwise)."""
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -155,25 +194,64 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         (a plain safetensors file).
     Raises:
         FileNotFoundError: nothing found at ``path``.
-        ValueError: the file is not a readable safetensors file, or was written by another format version.
+        WeightsError (a ``ValueError``): the file is not a readable safetensors file, was written by another format
+            version, has invalid metadata, or holds NaN/inf values (the message names the first such tensor).
     """
     file = resolve_weights_file(path)
     try:
         with safe_open(str(file), framework="pt") as f:
             metadata = f.metadata() or {}
         state_dict = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{file} is not a readable safetensors weights file: {err}") from err
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise WeightsError(f"{file} is not a readable safetensors weights file: {reason}") from err
     fmt = metadata.get("format")
     if fmt is not None and fmt != FORMAT:
-        raise ValueError(f"{file} has checkpoint format {fmt!r}; this version of e2edet reads {FORMAT!r}")
+        raise WeightsError(f"{file} has checkpoint format {fmt!r}; this version of e2edet reads {FORMAT!r}")
     config = None
     if "e2edet_config" in metadata:
         try:
             config = json.loads(metadata["e2edet_config"])
         except json.JSONDecodeError as err:
-            raise ValueError(f"{file}: the e2edet_config metadata is not valid JSON: {err}") from err
+            raise WeightsError(f"{file}: the e2edet_config metadata is not valid JSON: {err}") from err
+        if not isinstance(config, dict):
+            raise WeightsError(f"{file}: the e2edet_config metadata is a {type(config).__name__}, not a mapping")
+    bad = [k for k in sorted(state_dict) if state_dict[k].is_floating_point()
+           and not bool(torch.isfinite(state_dict[k]).all())]
+    if bad:
+        first = state_dict[bad[0]]
+        n = int((~torch.isfinite(first)).sum())
+        more = f" (and {_plural(len(bad) - 1, 'more tensor')})" if len(bad) > 1 else ""
+        raise WeightsError(f"{file}: tensor {bad[0]} holds {n} non-finite value{'s' if n != 1 else ''} (NaN/inf)"
+                           f"{more}; these weights are unusable (did the training diverge?)")
     return state_dict, config
+
+
+def read_weights_header(path: str | Path) -> tuple[Path, dict[str, tuple[int, ...]], dict[str, Any] | None]:
+    """Tensor names and shapes, and the stored run config, of a weights file, without reading the tensors.
+
+    Args:
+        path: as for :func:`load_weights`.
+    Returns:
+        ``(file, {key: shape}, config or None)``.
+    Raises:
+        FileNotFoundError, WeightsError: as :func:`load_weights` (except the NaN/inf check, which needs the data).
+    """
+    file = resolve_weights_file(path)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise WeightsError(f"{file} is not a readable safetensors weights file: {reason}") from err
+    config = None
+    if "e2edet_config" in metadata:
+        try:
+            config = json.loads(metadata["e2edet_config"])
+        except json.JSONDecodeError as err:
+            raise WeightsError(f"{file}: the e2edet_config metadata is not valid JSON: {err}") from err
+    return file, shapes, config if isinstance(config, dict) else None
 
 
 def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True,
@@ -187,29 +265,18 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], st
             warning that lists them (e.g. fine-tuning with another number of classes).
         source: name of the origin (a path) used in messages.
     Raises:
-        RuntimeError: (strict) listing missing keys, unexpected keys and ``key: file shape vs model shape``.
+        WeightsMismatchError (a ``RuntimeError``): (strict) one line ``"<source>: does not match the model: 2 missing
+        keys (a, b), 1 shape mismatch (k: file (2, 4) vs model (5, 4))"`` (the first 3 keys of each kind).
     """
     target = unwrap_model(model).state_dict()
-    missing = sorted(set(target) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(target))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-        for k, v in state_dict.items()
-        if k in target and tuple(v.shape) != tuple(target[k].shape)
-    )
-    problems = [
-        f"{name} ({len(keys)}): {', '.join(keys)}"
-        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                           ("shape mismatches", mismatched))
-        if keys
-    ]
+    problems = weights_mismatch({k: tuple(v.shape) for k, v in target.items()},
+                                {k: tuple(v.shape) for k, v in state_dict.items()})
     if problems:
-        msg = f"weights from {source} do not match the model:\n  " + "\n  ".join(problems)
+        msg = f"{source}: does not match the model: {problems}"
         if strict:
-            raise RuntimeError(msg)
-        warnings.warn(msg + "\n  (non-strict load: these entries are skipped)", stacklevel=2)
-    bad = {m.split(":", 1)[0] for m in mismatched}
-    keep = {k: v for k, v in state_dict.items() if k in target and k not in bad}
+            raise WeightsMismatchError(msg + " (weights of another recipe or class count?)")
+        warnings.warn(msg + " (non-strict load: these entries are skipped)", stacklevel=2)
+    keep = {k: v for k, v in state_dict.items() if k in target and tuple(v.shape) == tuple(target[k].shape)}
     unwrap_model(model).load_state_dict(keep, strict=False)
 
 
@@ -230,8 +297,9 @@ def load_checkpoint(
         The saved ``trainer_state`` dict (empty if only weights were requested and ``state.pt`` is absent).
     Raises:
         FileNotFoundError: missing weights, or missing ``state.pt`` when optimizer/scheduler are given.
-        ValueError: unreadable/corrupt files or wrong format (the message names the file).
-        RuntimeError: weights do not match the model (strict).
+        ValueError: unreadable/corrupt files or wrong format (the message names the file; :class:`WeightsError`
+            for the weights file).
+        WeightsMismatchError (a ``RuntimeError``): weights do not match the model (strict).
     """
     file = resolve_weights_file(path_or_dir, prefer=("last", "best"))
     state_dict, _ = load_weights(file)
