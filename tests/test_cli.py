@@ -91,7 +91,7 @@ def test_export_onnx_matches_pytorch(bccd_subset, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     import torch
 
-    from e2edet.export import EndToEndDetector
+    from e2edet.export import EndToEndDetector, compare_detections
     from e2edet.inference import Predictor
 
     run = tmp_path / "runs"
@@ -105,6 +105,8 @@ def test_export_onnx_matches_pytorch(bccd_subset, tmp_path):
     assert boxes.shape == (2, 100, 4) and scores.shape == (2, 100) and labels.shape == (2, 100)
     with torch.no_grad():
         ref = EndToEndDetector(predictor.model, "cls_filter", 100)(images)
-    assert torch.allclose(torch.from_numpy(scores), ref[1], atol=1e-5)
+    # near-tied scores may swap places (or cross the top-100 cut-off): compare the detections as sets
+    assert compare_detections(ref, (boxes, scores, labels)) == []
+    assert torch.allclose(torch.from_numpy(scores), ref[1], atol=1e-5)  # sorted scores agree position by position
     assert (scores[:, :-1] >= scores[:, 1:]).all()  # sorted, no NMS
     assert main(["export", str(run / "defcn_mnv2_cpu"), "--out", str(onnx_path), "--size", "190x256"]) == 2

@@ -10,6 +10,7 @@ can be dropped). Recipes whose evaluation needs NMS (FCOS) are refused.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -17,13 +18,162 @@ import numpy as np
 import torch
 from torch import nn
 
-from e2edet.config import Config
+from e2edet.config import Config, ConfigError
 from e2edet.models.dense.postprocess import class_probabilities
 from e2edet.models.query.postprocess import query_scores
 
 
 #: Score modes whose top-k is the final output (no NMS): POTO, DeFCN, O2F, Sparse R-CNN / AdaMixer, D-RMM.
 END_TO_END_SCORES = ("cls", "cls_filter", "cls_ctr", "drmm")
+
+#: Largest export side in pixels (a guard against typos such as 41600x576 that would exhaust memory).
+MAX_SIDE = 8192
+
+
+class ExportError(ConfigError):
+    """Bad export input: a recipe that needs NMS, an input size that is not ``HxW`` positive multiples of 32, or
+    an output path that cannot be written. The one-line message names the option or the path."""
+
+
+class ExportMismatchError(RuntimeError):
+    """The exported graph's detections, run by onnxruntime, differ from PyTorch's (see :func:`compare_detections`)."""
+
+
+def check_size(height: int, width: int, key: str = "size") -> tuple[int, int]:
+    """Check an export input size: positive multiples of 32 (the detectors' largest stride), at most
+    :data:`MAX_SIDE`.
+
+    Raises:
+        ExportError: naming ``key`` (``--size`` on the command line), with the nearest valid size.
+    """
+    if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE) or height % 32 or width % 32:
+        near = "x".join(str(min(MAX_SIDE, max(32, round(v / 32) * 32))) for v in (height, width))
+        raise ExportError(f"{key} {height}x{width}: height and width must be multiples of 32 between 32 and "
+                          f"{MAX_SIDE} pixels, e.g. {near}")
+    return height, width
+
+
+def parse_size(text: str, key: str = "--size") -> tuple[int, int]:
+    """Parse ``"HxW"`` (e.g. ``416x576``) into ``(height, width)`` and :func:`check_size` it.
+
+    Raises:
+        ExportError: not two integers joined by ``x``, or a size :func:`check_size` refuses; names ``key``.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if match is None:
+        raise ExportError(f"{key} {text!r}: expected HEIGHTxWIDTH in pixels, multiples of 32, e.g. 416x576")
+    return check_size(int(match.group(1)), int(match.group(2)), key)
+
+
+def _check_writable(out: Path) -> Path:
+    """Create ``out``'s folder and probe that ``out``'s temporary sibling can be written; returns that sibling.
+
+    Raises:
+        ExportError: ``out`` is a folder, its folder cannot be created, or the file cannot be written (names
+        ``out`` and the system's reason).
+    """
+    if out.is_dir():
+        raise ExportError(f"{out}: is a folder; give the ONNX file to write, e.g. {out / 'model.onnx'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"{out}: cannot create the folder {out.parent} ({err.strerror or err})") from err
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with open(tmp, "wb"):
+            pass
+    except OSError as err:
+        raise ExportError(f"{out}: cannot write the ONNX file there ({err.strerror or err})") from err
+    return tmp
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy ``box`` with each row of ``boxes`` ([M, 4]); 0 where the union is empty."""
+    lt, rb = np.maximum(box[:2], boxes[:, :2]), np.minimum(box[2:], boxes[:, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=1)
+    area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)  # noqa: E731
+    union = area(box) + area(boxes) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def compare_detections(
+    ref: tuple[np.ndarray, np.ndarray, np.ndarray],
+    got: tuple[np.ndarray, np.ndarray, np.ndarray],
+    score_tol: float = 1e-4,
+    box_tol: float = 0.05,
+    iou_min: float = 0.99,
+    tie_tol: float = 1e-5,
+) -> list[str]:
+    """Compare two runtimes' top-k detections (e.g. PyTorch vs onnxruntime) as *sets*, image by image.
+
+    Index-by-index comparison is wrong for top-k outputs: two (point, class) pairs whose scores tie to within
+    float rounding may come out in either order, or one of them may fall just outside the top ``N`` in one
+    runtime and just inside in the other. So each reference detection (in descending score order) is matched to
+    an unused detection of the other side with
+
+    * the same label,
+    * a score within ``score_tol`` (absolute; scores are probabilities), and
+    * the same box: IoU >= ``iou_min`` or every coordinate within ``box_tol`` pixels (for tiny boxes),
+
+    choosing the candidate of highest IoU. A detection left unmatched is accepted only at the top-k cut-off: when
+    its score is within ``tie_tol`` of (or below) the other side's lowest (``N``-th) score, a near-tie could
+    have put it on either side of the cut. Anything else -- a box really elsewhere, a score off by more than
+    ``score_tol``, a label swapped, a confident detection missing, non-finite values -- is a difference.
+    ``tie_tol`` is tighter than ``score_tol`` because an untrained model's scores crowd together (on a random
+    input more than half of the top 100 can lie within 1e-4 of the 100th), while the two runtimes' scores agree
+    to ~1e-7.
+
+    Args:
+        ref, got: ``(boxes [B, N, 4] xyxy, scores [B, N], labels [B, N])`` arrays (torch tensors are accepted).
+        score_tol: absolute score tolerance; box_tol: per-coordinate box tolerance in pixels; iou_min: IoU above
+            which two boxes are the same; tie_tol: how close to the cut-off an unmatched detection's score must be.
+    Returns:
+        One message per difference (empty when the outputs agree), e.g. ``"image 0: reference detection 3
+        (label 1, score 0.8123, box [10.0, 12.5, 40.0, 60.0]) has no match (closest same-label box: IoU 0.42,
+        score difference 1.2e-07)"``.
+    """
+    ref = tuple(np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a) for a in ref)
+    got = tuple(np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a) for a in got)
+    shapes = [a.shape for a in ref], [a.shape for a in got]
+    if shapes[0] != shapes[1]:
+        return [f"output shapes differ: reference {shapes[0]} vs {shapes[1]}"]
+    problems: list[str] = []
+    for b in range(ref[1].shape[0]):
+        sides = [(ref[0][b].astype(np.float64), ref[1][b].astype(np.float64), ref[2][b]),
+                 (got[0][b].astype(np.float64), got[1][b].astype(np.float64), got[2][b])]
+        if not all(np.isfinite(side[0]).all() and np.isfinite(side[1]).all() for side in sides):
+            problems.append(f"image {b}: non-finite boxes or scores")
+            continue
+        (rb, rs, rl), (gb, gs, gl) = sides
+        used = np.zeros(len(gs), dtype=bool)
+        unmatched_ref = []
+        for i in np.argsort(-rs, kind="stable"):
+            cand = np.flatnonzero(~used & (gl == rl[i]) & (np.abs(gs - rs[i]) <= score_tol))
+            if len(cand):
+                iou = _iou(rb[i], gb[cand])
+                ok = (iou >= iou_min) | (np.abs(gb[cand] - rb[i]).max(axis=1) <= box_tol)
+                if ok.any():
+                    used[cand[ok][np.argmax(iou[ok])]] = True
+                    continue
+            unmatched_ref.append(i)
+        cut_ref, cut_got = (float(rs.min()), float(gs.min())) if len(rs) else (0.0, 0.0)
+        for side, index, cut, (boxes, scores, labels), (obox, oscore, olabel) in (
+                ("reference", unmatched_ref, cut_got, sides[0], sides[1]),
+                ("compared", np.flatnonzero(~used), cut_ref, sides[1], sides[0])):
+            for i in index:
+                if scores[i] <= cut + tie_tol:  # a near-tie at the top-k cut-off: may fall on either side
+                    continue
+                same = np.flatnonzero(olabel == labels[i])
+                near = ""
+                if len(same):
+                    iou = _iou(boxes[i], obox[same])
+                    j = same[np.argmax(iou)]
+                    near = (f" (closest same-label box: IoU {iou.max():.3f}, score difference "
+                            f"{abs(oscore[j] - scores[i]):.2g})")
+                box = ", ".join(f"{v:.1f}" for v in boxes[i])
+                problems.append(f"image {b}: {side} detection {int(i)} (label {int(labels[i])}, score "
+                                f"{scores[i]:.4g}, box [{box}]) has no match{near}")
+    return problems
 
 
 class EndToEndDetector(nn.Module):
@@ -64,37 +214,41 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
     Returns:
         The written path.
     Raises:
-        ValueError: an FCOS-style recipe (needs NMS), or a size that is not a multiple of 32.
-        RuntimeError: onnxruntime's boxes (> 0.01 px) or scores (> 1e-4) differ from PyTorch's on a random input.
+        ExportError (a ``ConfigError``): an FCOS-style recipe (needs NMS), a size that is not a positive multiple
+            of 32, or an ``out`` that cannot be written.
+        ExportMismatchError: onnxruntime's detections on a random input differ from PyTorch's when compared as sets
+            (:func:`compare_detections`: same labels, scores within 1e-4, boxes IoU >= 0.99 or within 0.05 px;
+            near-ties at the top-k cut-off may differ).
     """
     if cfg.test.nms_iou > 0:
-        raise ValueError(f"{cfg.name} is evaluated with NMS (test.nms_iou={cfg.test.nms_iou}); export an end-to-end "
-                         "recipe (poto, poto_3dmf, defcn, o2f, sparse_rcnn, adamixer, drmm_*)")
-    if height % 32 or width % 32:
-        raise ValueError(f"export size must be a multiple of 32, got {height}x{width}")
+        raise ExportError(f"{cfg.name} is evaluated with NMS (test.nms_iou={cfg.test.nms_iou}); export an end-to-end "
+                          "recipe (poto, poto_3dmf, defcn, o2f, sparse_rcnn, adamixer, drmm_*)")
+    check_size(height, width)
     import onnxruntime as ort
 
     wrapper = EndToEndDetector(model, cfg.test.score, cfg.test.max_detections).eval()
     example = torch.randn(1, 3, height, width)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with warnings.catch_warnings():
-        # The TorchScript exporter (no onnxscript dependency) warns that it is legacy, and the tracer that the input
-        # size becomes a constant: both are intended, the spatial size is fixed at export and checked below.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(wrapper, (example,), str(tmp), input_names=["images"],
-                          output_names=["boxes", "scores", "labels"], opset_version=opset, dynamo=False,
-                          dynamic_axes={name: {0: "batch"} for name in ("images", "boxes", "scores", "labels")})
-    with torch.no_grad():
-        ref = [t.numpy() for t in wrapper(example)]
-    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"images": example.numpy()})
-    box_diff = float(np.abs(ref[0] - got[0]).max())
-    score_diff = float(np.abs(ref[1] - got[1]).max())
-    if box_diff > 1e-2 or score_diff > 1e-4:  # pixels; probabilities
+    tmp = _check_writable(out)
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript exporter (no onnxscript dependency) warns that it is legacy, and the tracer that the
+            # input size becomes a constant: both are intended, the spatial size is fixed at export and checked below.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(wrapper, (example,), str(tmp), input_names=["images"],
+                              output_names=["boxes", "scores", "labels"], opset_version=opset, dynamo=False,
+                              dynamic_axes={name: {0: "batch"} for name in ("images", "boxes", "scores", "labels")})
+        with torch.no_grad():
+            ref = [t.numpy() for t in wrapper(example)]
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"images": example.numpy()})
+        problems = compare_detections(tuple(ref), tuple(got))
+        if problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ExportMismatchError(f"{out}: onnxruntime differs from PyTorch on a random input: {problems[0]}{more}")
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"{out}: onnxruntime differs from PyTorch (boxes {box_diff:.3g} px, scores {score_diff:.3g})")
+        raise
     tmp.replace(out)
     return out
