@@ -190,7 +190,7 @@ def test_voc_truncated_and_empty_images_are_rejected(tmp_path):
     _noisy_jpeg(tmp_path / "JPEGImages" / "a.jpg")
     assert voc_to_coco(tmp_path)["images"][0]["file_name"] == "a.jpg"
     _truncate(tmp_path / "JPEGImages" / "a.jpg")
-    with pytest.raises(DatasetError, match=r"JPEGImages/a\.jpg: image: image file is truncated or corrupt") as info:
+    with pytest.raises(DatasetError, match=r"JPEGImages/a\.jpg: image: truncated or corrupt image") as info:
         voc_to_coco(tmp_path)
     assert "\n" not in str(info.value)
     (tmp_path / "JPEGImages" / "a.jpg").write_bytes(b"")
@@ -237,7 +237,7 @@ def test_yolo_truncated_image_is_rejected(tmp_path):
     images, labels = _yolo_dir(tmp_path, ["0 0.5 0.5 0.1 0.1"])
     _noisy_jpeg(images / "a.jpg", (100, 50))
     _truncate(images / "a.jpg")
-    with pytest.raises(DatasetError, match=r"images/a\.jpg: image: image file is truncated or corrupt"):
+    with pytest.raises(DatasetError, match=r"images/a\.jpg: image: truncated or corrupt image"):
         yolo_to_coco(images, labels, ["x", "y"])
 
 

@@ -169,7 +169,7 @@ def test_truncated_or_empty_image_is_rejected(tmp_path, images):
     data = (images / "img1.jpg").read_bytes()
     (images / "img1.jpg").write_bytes(data[: len(data) // 2])
     odgt = write_odgt(tmp_path, [{"ID": "img1", "gtboxes": []}])
-    with pytest.raises(DatasetError, match=r"img1\.jpg: image: image file is truncated or corrupt"):
+    with pytest.raises(DatasetError, match=r"img1\.jpg: image: truncated or corrupt image"):
         odgt_to_coco(odgt, images)
     (images / "img1.jpg").write_bytes(b"")
     with pytest.raises(DatasetError, match=r"img1\.jpg: image: file is empty \(0 bytes\)"):

@@ -185,7 +185,7 @@ def test_truncated_or_empty_image_in_getitem_names_the_file(coco_dir):
     with pytest.raises(DatasetError) as info:
         ds[1]
     assert type(info.value) is DatasetError and "\n" not in str(info.value)
-    assert str(info.value).startswith(f"{coco_dir / 'b.jpg'}: image: image file is truncated or corrupt")
+    assert str(info.value).startswith(f"{coco_dir / 'b.jpg'}: image: truncated or corrupt image")
     (coco_dir / "b.jpg").write_bytes(b"")
     with pytest.raises(DatasetError, match=r"b\.jpg: image: file is empty \(0 bytes\)"):
         ds[1]

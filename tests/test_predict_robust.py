@@ -51,7 +51,7 @@ def test_unreadable_images_are_skipped_with_a_warning(files, tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err == [
         f"e2edet: warning: {empty}: skipped: file is empty (0 bytes)",
-        f"e2edet: warning: {cut}: skipped: image file is truncated or corrupt (Truncated File Read)",
+        f"e2edet: warning: {cut}: skipped: truncated or corrupt image (PIL: Truncated File Read)",
         f"e2edet: warning: {text}: skipped: not an image file PIL can read (unknown format or corrupt header)",
         f"e2edet: warning: {tmp_path / 'gone.png'}: skipped: file not found",
     ]

@@ -37,7 +37,7 @@ def image_problem(exc: BaseException) -> str:
         return f"image too large to decode safely: {exc}"
     text = " ".join(str(exc).split()) or type(exc).__name__
     if "truncated" in text.lower() or isinstance(exc, (EOFError, SyntaxError)):
-        return f"image file is truncated or corrupt ({text})"
+        return f"truncated or corrupt image (PIL: {text})"
     return f"cannot decode the image ({type(exc).__name__}: {text})"
 
 
