@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -47,9 +48,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_weights_and_device(weights: str, device: str | None) -> None:
+    """Before loading trained weights: the ``--device`` exists, and the file's tensors fit the model its config
+    describes (one-line errors instead of torch's multi-line ``load_state_dict`` report)."""
+    from e2edet.build import check_weights_match
+    from e2edet.engine.device import select_device
+
+    if device is not None:
+        select_device(device, key="--device")
+    check_weights_match(weights)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from e2edet.tasks import evaluate_weights
 
+    _check_weights_and_device(args.weights, args.device)
     evaluate_weights(args.weights, args.overrides, out=args.out, device=args.device)
     return 0
 
@@ -58,16 +71,21 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from e2edet.inference import list_images
     from e2edet.tasks import predict
 
-    predict(args.weights, list_images(args.sources), args.out, args.score, draw=not args.no_draw, device=args.device)
+    if not 0 <= args.score <= 1:
+        raise ConfigError(f"--score {args.score}: must be a score in [0, 1]")
+    files = list_images(args.sources)
+    _check_weights_and_device(args.weights, args.device)
+    predict(args.weights, files, args.out, args.score, draw=not args.no_draw, device=args.device)
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from e2edet.export import export_onnx
+    from e2edet.export import export_onnx, parse_size
     from e2edet.inference import Predictor
 
+    height, width = parse_size(args.size, "--size")
+    _check_weights_and_device(args.weights, None)
     predictor = Predictor.from_weights(args.weights, device="cpu")
-    height, width = (int(v) for v in args.size.lower().split("x"))
     path = export_onnx(predictor.model, predictor.cfg, args.out, height, width)
     print(f"{path}: images [B, 3, {height}, {width}] -> boxes, scores, labels (top "
           f"{predictor.cfg.test.max_detections}, no NMS); onnxruntime matches PyTorch")
@@ -126,10 +144,22 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(ConfigError):
+    """A command line argparse refuses (unknown option, missing argument, bad choice)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are a :class:`UsageError` (one line, exit status 2, from :func:`main`)
+    instead of argparse's usage block; ``--help`` is unchanged."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``e2edet`` argument parser (sub-commands train, eval, predict, data, recipes)."""
-    p = argparse.ArgumentParser(prog="e2edet", description="End-to-end (NMS-free) object detection.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("::")[1])
+    p = _Parser(prog="e2edet", description="End-to-end (NMS-free) object detection.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("::")[1])
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a recipe (name or YAML), then evaluate with and without NMS")
@@ -143,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("weights", help="run folder, checkpoint folder or model.safetensors")
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data=bccd test.max_detections=300")
     e.add_argument("--out", help="results JSON (default: eval.json beside the weights)")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, N (= cuda:N) or mps (default auto)")
     e.set_defaults(func=_cmd_eval)
 
     pr = sub.add_parser("predict", help="detect objects in images; writes detections.json and pictures")
@@ -152,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     pr.add_argument("--score", type=float, default=0.3, help="minimum score to keep a detection (default 0.3)")
     pr.add_argument("--no-draw", action="store_true", help="write detections.json only")
-    pr.add_argument("--device", default="auto")
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, N (= cuda:N) or mps (default auto)")
     pr.set_defaults(func=_cmd_predict)
 
     x = sub.add_parser("export", help="ONNX export of an end-to-end model (post-processing included, no NMS)")
@@ -195,11 +225,97 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Appended to every one-line error message.
+_DEBUG_HINT = "(set E2EDET_DEBUG=1 for a traceback)"
+
+
+def _worker_message(message: str) -> str:
+    r"""The original message of an exception re-raised from a DataLoader worker process.
+
+    torch re-raises it in the main process with the message ``"Caught DatasetError in DataLoader worker process 0.
+    \nOriginal Traceback (most recent call last):\n ... \ne2edet.data.errors.DatasetError: <msg>"``; this returns
+    ``<msg>`` (every line of it), or ``message`` unchanged when it is not such a message.
+    """
+    head = re.match(r"Caught (\w+) in DataLoader worker process \d+\.", message)
+    if head is None or "Original Traceback" not in message:
+        return message
+    name = re.escape(head.group(1))
+    lines = message.splitlines()
+    for i in range(len(lines) - 1, -1, -1):  # the last "module.Type: message" line starts the original message
+        found = re.match(rf"(?:[\w.]+\.)?{name}: ?(.*)$", lines[i])
+        if found:
+            return "\n".join([found.group(1), *lines[i + 1:]]).strip()
+        if re.match(rf"(?:[\w.]+\.)?{name}$", lines[i].strip()):  # raised without a message
+            return head.group(1)
+    return message
+
+
+def one_line(message: str, max_items: int = 3) -> str:
+    """Collapse a (possibly multi-line) error message into one line: the first line, then the first
+    ``max_items`` further lines joined by ``; `` and a count of the rest."""
+    lines = [" ".join(line.split()) for line in _worker_message(str(message)).splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return ""
+    head, rest = lines[0], lines[1:]
+    if not rest:
+        return head
+    more = f"; ... ({len(rest) - max_items} more)" if len(rest) > max_items else ""
+    return f"{head.rstrip(':')}: {'; '.join(rest[:max_items])}{more}"
+
+
+def _error_exit_code(exc: BaseException) -> int | None:
+    """Exit status for an exception that ends a command with one line instead of a traceback, else None.
+
+    * an ``exit_code`` attribute (e.g. ``e2edet.engine.trainer.TrainingInterrupted``, 130): that code;
+    * ``KeyboardInterrupt``: 130;
+    * bad input, 2: ``ConfigError`` (also the device, export and usage errors), ``DatasetError``, the weights
+      errors of :mod:`e2edet.engine.checkpoint` (unreadable, NaN/inf, not matching the model), ``OSError``
+      (missing, unreadable or unwritable files), ``FloatingPointError`` (a training that diverged: a non-finite
+      loss) and ``ValueError`` (the project's convention for a refused argument).
+
+    Other exceptions (``RuntimeError`` from model code, ``KeyError``...) are bugs: they keep their traceback.
+    """
+    code = getattr(exc, "exit_code", None)
+    if isinstance(code, int) and not isinstance(exc, SystemExit):
+        return code
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    # the project's error types, looked up only if their modules were imported (a usage error must not import torch)
+    own = tuple(getattr(sys.modules.get(module), name, ConfigError) for module, name in (
+        ("e2edet.data.errors", "DatasetError"), ("e2edet.engine.checkpoint", "WeightsError")))
+    if isinstance(exc, (ConfigError, *own, OSError, FloatingPointError, ValueError)):
+        return 2
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``e2edet`` console script.
 
-    Returns the exit status: 0, or 2 with a one-line message on bad input (config, data, weights files, sizes).
+    Returns the exit status: 0; 2 with one line ``e2edet: error: ... (set E2EDET_DEBUG=1 for a traceback)`` on stderr
+    on bad input (usage, config, data, weights or image files, devices, sizes, output paths; see
+    :func:`_error_exit_code`); 130 with ``e2edet: interrupted`` (or the interruption's own message) on Ctrl-C.
+    With ``E2EDET_DEBUG=1`` these exceptions propagate with their traceback.
     """
+    try:
+        return _run(argv)
+    except BaseException as exc:
+        code = _error_exit_code(exc)
+        if code is None or os.environ.get("E2EDET_DEBUG"):
+            raise
+        message = one_line(str(exc))
+        if code == 2:
+            line = f"e2edet: error: {message or type(exc).__name__} {_DEBUG_HINT}"
+        elif (isinstance(exc, KeyboardInterrupt) and not hasattr(exc, "exit_code")) or not message:
+            line = "e2edet: interrupted" if code == 130 else f"e2edet: {type(exc).__name__}"
+        else:  # an exception carrying its exit code and its own message (TrainingInterrupted)
+            line = message if message.startswith("e2edet:") else f"e2edet: {message}"
+        print(line, file=sys.stderr)
+        return code
+
+
+def _run(argv: list[str] | None) -> int:
+    """Parse ``argv`` and run the sub-command (errors are turned into exit codes by :func:`main`)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "func", None) is _cmd_compare:  # recipes and key=value overrides share one positional list
@@ -210,15 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from e2edet.data.errors import DatasetError
-
-    try:
-        return args.func(args)
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as e:
-        if os.environ.get("E2EDET_DEBUG"):  # full traceback for bug reports
-            raise
-        print(f"e2edet: error: {e} (set E2EDET_DEBUG=1 for a traceback)", file=sys.stderr)
-        return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":
