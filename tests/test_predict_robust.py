@@ -63,6 +63,7 @@ def test_all_images_unreadable_is_a_dataset_error(files, tmp_path, capsys):
     with pytest.raises(DatasetError, match=r"empty\.jpg: image: file is empty \(0 bytes\); all 2 images are unreadable"):
         FixedPredictor().predict_files([empty, cut], tmp_path / "out")
     assert not (tmp_path / "out" / "detections.json").exists()
+    assert capsys.readouterr().err == ""  # only the error: no warning lines before it
     with pytest.raises(DatasetError, match=r"cut\.jpg: image: .*; the image is unreadable, no detections written"):
         FixedPredictor().predict_files([cut], tmp_path / "out")
 

@@ -136,22 +136,31 @@ class Predictor:
 
         A file that cannot be read as an image (missing, empty, truncated, not an image) is skipped with the
         one-line warning ``e2edet: warning: <file>: skipped: <reason>`` on stderr and listed in
-        :attr:`skipped`; the other images are still processed and written.
+        :attr:`skipped`; the other images are still processed and written. (Warnings for files before the first
+        readable one are printed once it is read, so that an all-unreadable input gives only the error.)
 
         Raises:
-            DatasetError: every one of the (non-empty) ``files`` is unreadable; nothing is written then.
+            DatasetError: every one of the (non-empty) ``files`` is unreadable (the message names the first and
+                gives the count); nothing is written then.
         """
         out_dir = Path(out_dir)
         records, used = [], set()
         self.skipped = []
+        def warn(file: Path, reason: str) -> None:
+            print(f"e2edet: warning: {file}: skipped: {reason}", file=sys.stderr, flush=True)
+
         for path in files:
             try:
                 image = read_image(path)
             except DatasetError as exc:
                 reason = exc.problem or str(exc)
                 self.skipped.append((Path(path), reason))
-                print(f"e2edet: warning: {path}: skipped: {reason}", file=sys.stderr, flush=True)
+                if records:  # before the first readable image the warnings wait: if none is, only the error shows
+                    warn(path, reason)
                 continue
+            if not records:
+                for file, reason in self.skipped:
+                    warn(file, reason)
             out_dir.mkdir(parents=True, exist_ok=True)
             det = self([image])[0]
             keep = det["scores"] >= score_thresh
