@@ -48,6 +48,9 @@ def test_load_config_errors(tmp_path):
     (tmp_path / "empty.yaml").write_text("")
     with pytest.raises(ConfigError, match="empty"):
         load_config(tmp_path / "empty.yaml")
+    (tmp_path / "broken.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML at line 2 column 1: expected ',' or ']'"):
+        load_config(tmp_path / "broken.yaml")
     (tmp_path / "bad.yaml").write_text("train:\n  epochz: 3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.epochz'"):
         load_config(tmp_path / "bad.yaml")

@@ -281,7 +281,10 @@ def load_config(path: str | Path) -> Config:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from e
     if data is None:
         raise ConfigError(f"{path}: config file is empty")
     return from_dict(data, str(path))
