@@ -212,7 +212,8 @@ def test_voc_without_objects_or_annotation_folder(tmp_path):
         voc_to_coco(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("line", ["0 nan 0.5 0.2 0.2", "0 0.5 0.5 inf 0.2", "nan 0.5 0.5 0.2 0.2", "0 0.5 -inf 0.2 0.2"])
+@pytest.mark.parametrize("line", ["0 nan 0.5 0.2 0.2", "0 0.5 0.5 inf 0.2", "nan 0.5 0.5 0.2 0.2",
+                                  "0 0.5 -inf 0.2 0.2"])
 def test_yolo_non_finite_values_are_rejected(tmp_path, line):
     images, labels = _yolo_dir(tmp_path, ["0 0.5 0.5 0.1 0.1", line])
     with pytest.raises(DatasetError, match=r"a\.txt: line 2: fields must be finite numbers"):

@@ -152,12 +152,13 @@ def test_cli_convert_crowdhuman(tmp_path, images, capsys):
     assert "usage: e2edet data convert crowdhuman" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("box", ["[NaN, 1, 10, 10]", "[1, 1, Infinity, 10]", "[1, -Infinity, 10, 10]", "[1, 1, 1e999, 10]",
+@pytest.mark.parametrize("box", ["[NaN, 1, 10, 10]", "[1, 1, Infinity, 10]", "[1, -Infinity, 10, 10]",
+                                 "[1, 1, 1e999, 10]",
                                  "[1, 1, 1" + "0" * 400 + ", 10]"])
 def test_non_finite_box_is_rejected(tmp_path, images, box):
     line = '{"ID": "img3", "gtboxes": [{"tag": "person", "fbox": ' + box + "}]}"
     odgt = write_odgt(tmp_path, [line])
-    with pytest.raises(DatasetError, match=r"ann\.odgt: line 1 \(ID img3\) gtboxes\[0\]: bad fbox .*expected 4 numbers"):
+    with pytest.raises(DatasetError, match=r"ann\.odgt: line 1 \(ID img3\) gtboxes\[0\]: bad fbox .*expected 4 "):
         odgt_to_coco(odgt, images)
 
 

@@ -190,7 +190,7 @@ def test_decode_image_size(tmp_path):
 def test_non_finite_numbers_are_rejected(value):
     coco = _coco()
     coco["annotations"].append(_ann(bbox=[1, 2, value, 3]))
-    with pytest.raises(DatasetError, match=r"^ann\.json: annotation id 5 \(image id 1\): bbox must be 4 finite numbers"):
+    with pytest.raises(DatasetError, match=r"^ann\.json: annotation id 5 \(image id 1\): bbox must be 4 finite"):
         validate_coco(coco, "ann.json", check_files=False)
     coco = _coco()
     coco["images"][0]["width"] = value

@@ -92,9 +92,11 @@ def parse_voc_xml(path: str | Path, data: bytes | None = None) -> VocAnnotation:
         try:
             values = [float(v) for v in raw_size]
         except ValueError:
-            raise dataset_error(path, "<size>", f"width/height are not numbers: {raw_size[0]!r} x {raw_size[1]!r}") from None
+            given = f"{raw_size[0]!r} x {raw_size[1]!r}"
+            raise dataset_error(path, "<size>", f"width/height are not numbers: {given}") from None
         if not all(math.isfinite(v) for v in values):
-            raise dataset_error(path, "<size>", f"width/height must be finite numbers, got {raw_size[0]} x {raw_size[1]}")
+            given = f"{raw_size[0]} x {raw_size[1]}"
+            raise dataset_error(path, "<size>", f"width/height must be finite numbers, got {given}")
         width, height = int(values[0]), int(values[1])
         if width <= 0 or height <= 0:
             width = height = None
