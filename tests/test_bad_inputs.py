@@ -284,9 +284,9 @@ DATA_SIDE_CASES = [
     ("predict on a non-image file", ["predict", "{run}", "{notimg}", "--out", "{tmp}/pred2"], "notimg.png"),
 ]
 
-#: Cases the data / inference fixes (in progress in parallel) must turn into one line; xfail until they land.
-#: ``predict`` on an unreadable image prints an ``e2edet: warning: ... skipped`` line before the error line.
-XFAIL_DATA = {"predict on a non-image file"}
+#: Cases the data / inference fixes (in progress in parallel) must turn into one line; xfail until they land
+#: (none left: all of them pass).
+XFAIL_DATA: set[str] = set()
 
 
 def _argv(template: list[str], f: dict[str, Path]) -> list[str]:
