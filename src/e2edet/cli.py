@@ -44,7 +44,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from e2edet.tasks import train
 
     cfg = apply_overrides(_load_recipe_or_file(args.recipe), args.overrides)
-    train(cfg, resume=args.resume, num_pictures=args.pictures)
+    train(cfg, resume=args.resume, num_pictures=args.pictures, exist_ok=args.exist_ok)
     return 0
 
 
@@ -165,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a recipe (name or YAML), then evaluate with and without NMS")
     t.add_argument("recipe", help="recipe name (see `e2edet recipes`) or a config YAML")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=6 data=bccd")
-    t.add_argument("--resume", help="run folder or checkpoint folder to resume from")
+    t.add_argument("--resume", help="run folder or checkpoint folder to resume from (training goes on in that "
+                                    "folder)")
+    t.add_argument("--exist-ok", action="store_true",
+                   help="train into output_dir/name even if it holds a run, replacing that run's outputs (default: "
+                        "a new numbered folder, e.g. runs/NAME-2)")
     t.add_argument("--pictures", type=int, default=8, help="validation images to draw predictions on (default 8)")
     t.set_defaults(func=_cmd_train)
 
