@@ -23,7 +23,7 @@ from e2edet.data.collate import pad_images
 from e2edet.data.coco import read_image
 from e2edet.data.errors import DatasetError, dataset_error
 from e2edet.data.transforms import build_eval_transforms
-from e2edet.engine.checkpoint import load_weights
+from e2edet.engine.checkpoint import load_model_weights, load_weights, resolve_weights_file
 from e2edet.engine.device import select_device
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -94,6 +94,8 @@ class Predictor:
 
         Raises:
             FileNotFoundError / ValueError: from :func:`e2edet.engine.checkpoint.load_weights` (names the path).
+            WeightsMismatchError: the tensors do not fit the model their stored config builds (one line: the file,
+                the counts and the first keys).
         """
         state, cfg_dict = load_weights(weights)
         if cfg_dict is None:
@@ -101,7 +103,7 @@ class Predictor:
         cfg = from_dict(cfg_dict, str(weights))
         cfg.model.pretrained = False  # the trained weights replace any ImageNet initialisation
         model = build_model(cfg)
-        model.load_state_dict(state)
+        load_model_weights(model, state, strict=True, source=resolve_weights_file(weights))
         return cls(model, cfg, device)
 
     @torch.inference_mode()
