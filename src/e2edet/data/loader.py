@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+import torch.utils.data
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from e2edet.data.collate import collate
@@ -128,7 +129,8 @@ def seed_worker(worker_id: int) -> None:
     :class:`SeededSamples` anyway). SIGINT is ignored in workers: a Ctrl-C in the terminal reaches the whole
     process group, and the main process decides what to do (the trainer saves a checkpoint and stops).
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if torch.utils.data.get_worker_info() is not None:  # only in a loader worker process
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
