@@ -14,7 +14,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
 from e2edet.data.errors import dataset_error
-from e2edet.data.validate import image_problem, load_coco_json, validate_coco
+from e2edet.data.validate import image_problem, load_coco_json, require_image_file, validate_coco
 
 __all__ = ["CocoDetection", "read_image", "pil_to_rgb"]
 
@@ -63,11 +63,7 @@ def read_image(path: str | Path) -> torch.Tensor:
         DatasetError: ``"<image>: image: <problem>"`` when the file is missing, empty, truncated or not a
             decodable image.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise dataset_error(path, "image", "file not found")
-    if path.stat().st_size == 0:
-        raise dataset_error(path, "image", "file is empty (0 bytes)")
+    path = require_image_file(path)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*image decoding and encoding", category=DeprecationWarning)

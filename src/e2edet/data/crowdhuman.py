@@ -21,14 +21,11 @@ the box an ignore region, as in the official head evaluation mode.
 from __future__ import annotations
 
 import json
-import math
 import warnings
-from numbers import Real
 from pathlib import Path
-from typing import Any
 
 from e2edet.data.errors import dataset_error
-from e2edet.data.validate import decode_image_size
+from e2edet.data.validate import decode_image_size, is_finite_number
 
 __all__ = ["BOX_TYPES", "read_odgt", "odgt_to_coco"]
 
@@ -79,23 +76,13 @@ def _find_image(images_dir: Path, image_id: str) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def _is_number(value: Any) -> bool:
-    """A finite real number (not a bool, NaN, infinity or an integer too large for a float)."""
-    if not isinstance(value, Real) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except (OverflowError, ValueError):
-        return False
-
-
 def _flag(entry: dict, key: str, source: Path, record: str) -> bool:
     """``entry[key]["ignore"] != 0`` (False when absent)."""
     attrs = entry.get(key, {})
     if not isinstance(attrs, dict):
         raise dataset_error(source, record, f"'{key}' must be an object, got {attrs!r}")
     value = attrs.get("ignore", 0)
-    if not _is_number(value):
+    if not is_finite_number(value):
         raise dataset_error(source, record, f"'{key}.ignore' must be a number, got {value!r}")
     return value != 0
 
@@ -172,7 +159,7 @@ def odgt_to_coco(
             if not isinstance(entry, dict) or not isinstance(entry.get("tag"), str):
                 raise dataset_error(odgt_path, record_name, "expected an object with a string 'tag'")
             box = entry.get(box_type)
-            if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+            if not isinstance(box, list) or len(box) != 4 or not all(is_finite_number(v) for v in box):
                 raise dataset_error(odgt_path, record_name, f"bad {box_type} {box!r}: expected 4 numbers [x, y, w, h]")
             x, y, w, h = (float(v) for v in box)
             if w < 0 or h < 0:

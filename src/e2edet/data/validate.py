@@ -19,7 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from e2edet.data.errors import DatasetError, dataset_error
 
 __all__ = [
-    "load_coco_json", "validate_coco", "decode_image_size", "image_problem", "BOX_TOLERANCE", "MAX_LISTED_PROBLEMS",
+    "load_coco_json", "validate_coco", "decode_image_size", "image_problem", "is_finite_number", "require_image_file",
+    "BOX_TOLERANCE", "MAX_LISTED_PROBLEMS",
 ]
 
 BOX_TOLERANCE = 1.0
@@ -41,6 +42,20 @@ def image_problem(exc: BaseException) -> str:
     return f"cannot decode the image ({type(exc).__name__}: {text})"
 
 
+def require_image_file(path: str | Path) -> Path:
+    """``path`` as a ``Path`` once it is known to be a non-empty file.
+
+    Raises:
+        DatasetError: ``"<image>: image: file not found"`` or ``"... file is empty (0 bytes)"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise dataset_error(path, "image", "file not found")
+    if path.stat().st_size == 0:
+        raise dataset_error(path, "image", "file is empty (0 bytes)")
+    return path
+
+
 def decode_image_size(path: str | Path) -> tuple[int, int]:
     """Decode an image file completely (PIL) and return its ``(width, height)``.
 
@@ -51,11 +66,7 @@ def decode_image_size(path: str | Path) -> tuple[int, int]:
         DatasetError: ``"<image>: image: <problem>"`` when the file is missing, empty (0 bytes), not an image,
             truncated or otherwise undecodable.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise dataset_error(path, "image", "file not found")
-    if path.stat().st_size == 0:
-        raise dataset_error(path, "image", "file is empty (0 bytes)")
+    path = require_image_file(path)
     try:
         with Image.open(path) as im:
             size = im.size
@@ -105,7 +116,7 @@ def load_coco_json(path: str | Path) -> dict:
         raise dataset_error(path, "file", f"invalid JSON: {' '.join(str(exc).split())}") from exc
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
     """A finite real number (not a bool, NaN or infinity; JSON's ``NaN``/``Infinity`` and huge integers fail)."""
     if not isinstance(value, Real) or isinstance(value, bool):
         return False
@@ -167,7 +178,7 @@ def _check_images(
             rejected.add(img_id)
             continue
         w, h = img["width"], img["height"]
-        if not (_is_number(w) and _is_number(h) and w > 0 and h > 0):
+        if not (is_finite_number(w) and is_finite_number(h) and w > 0 and h > 0):
             got = f"{reprlib.repr(w)} x {reprlib.repr(h)}"
             problems.append(f"{record}: width/height must be positive numbers, got {got}")
             rejected.add(img_id)
@@ -195,7 +206,7 @@ def _check_categories(categories: list, problems: list[str]) -> set[int]:
 
 
 def _check_box(record: str, bbox: Any, img: dict, problems: list[str]) -> None:
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(is_finite_number(v) for v in bbox):
         problems.append(f"{record}: bbox must be 4 finite numbers [x, y, w, h], got {reprlib.repr(bbox)}")
         return
     x, y, w, h = (float(v) for v in bbox)

@@ -197,25 +197,12 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         WeightsError (a ``ValueError``): the file is not a readable safetensors file, was written by another format
             version, has invalid metadata, or holds NaN/inf values (the message names the first such tensor).
     """
-    file = resolve_weights_file(path)
+    file, _, config = read_weights_header(path)
     try:
-        with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata() or {}
         state_dict = load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         raise WeightsError(f"{file} is not a readable safetensors weights file: {reason}") from err
-    fmt = metadata.get("format")
-    if fmt is not None and fmt != FORMAT:
-        raise WeightsError(f"{file} has checkpoint format {fmt!r}; this version of e2edet reads {FORMAT!r}")
-    config = None
-    if "e2edet_config" in metadata:
-        try:
-            config = json.loads(metadata["e2edet_config"])
-        except json.JSONDecodeError as err:
-            raise WeightsError(f"{file}: the e2edet_config metadata is not valid JSON: {err}") from err
-        if not isinstance(config, dict):
-            raise WeightsError(f"{file}: the e2edet_config metadata is a {type(config).__name__}, not a mapping")
     bad = [k for k in sorted(state_dict) if state_dict[k].is_floating_point()
            and not bool(torch.isfinite(state_dict[k]).all())]
     if bad:
@@ -235,7 +222,8 @@ def read_weights_header(path: str | Path) -> tuple[Path, dict[str, tuple[int, ..
     Returns:
         ``(file, {key: shape}, config or None)``.
     Raises:
-        FileNotFoundError, WeightsError: as :func:`load_weights` (except the NaN/inf check, which needs the data).
+        FileNotFoundError: nothing found at ``path``.
+        WeightsError: not a readable safetensors file, another format version, or invalid config metadata.
     """
     file = resolve_weights_file(path)
     try:
@@ -245,13 +233,18 @@ def read_weights_header(path: str | Path) -> tuple[Path, dict[str, tuple[int, ..
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         raise WeightsError(f"{file} is not a readable safetensors weights file: {reason}") from err
+    fmt = metadata.get("format")
+    if fmt is not None and fmt != FORMAT:
+        raise WeightsError(f"{file} has checkpoint format {fmt!r}; this version of e2edet reads {FORMAT!r}")
     config = None
     if "e2edet_config" in metadata:
         try:
             config = json.loads(metadata["e2edet_config"])
         except json.JSONDecodeError as err:
             raise WeightsError(f"{file}: the e2edet_config metadata is not valid JSON: {err}") from err
-    return file, shapes, config if isinstance(config, dict) else None
+        if not isinstance(config, dict):
+            raise WeightsError(f"{file}: the e2edet_config metadata is a {type(config).__name__}, not a mapping")
+    return file, shapes, config
 
 
 def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True,
