@@ -314,6 +314,17 @@ def test_bad_input_one_line_exit_2(argv, expected, f, capsys, monkeypatch):
     print(f"{argv[0]}: {captured.err.strip()}")  # the table of messages, with -s
 
 
+@pytest.mark.parametrize("device", ["cuda", "0", "cuda:0"])
+def test_absent_cuda_is_one_line(device, f, capsys, monkeypatch):
+    """``device=cuda`` / ``device=0`` on a machine without CUDA (forced here, so a GPU machine tests it too)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.chdir(f["tmp"])
+    rc = main(_argv(["train", "defcn_mnv2_cpu", "data={data}", f"device={device}", *TINY], f))
+    captured = capsys.readouterr()
+    _check(rc, captured.err, captured.out, f"train.device='{device}': CUDA is not available")
+
+
 def test_real_stderr_is_one_line(f):
     """The same promise in a real process: no warning or traceback reaches stderr either."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
