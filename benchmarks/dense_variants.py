@@ -46,7 +46,7 @@ def main() -> None:
             f"data={args.data}", f"train.max_iters={args.iters}", "train.eval_period=0", f"output_dir={args.out}",
             *args.overrides])
         start = time.time()
-        res = train(cfg, num_pictures=0)
+        res = train(cfg, num_pictures=0, exist_ok=True)  # the benchmark owns OUT/<recipe>: rerun replaces it
         wall = time.time() - start
         spi = seconds_per_iter(cfg.run_dir / "metrics.jsonl")
         raw[variant] = {"results": res, "seconds_per_iter": spi, "wall_seconds": wall}

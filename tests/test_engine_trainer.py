@@ -205,7 +205,7 @@ def test_signal_saves_current_iteration_and_resume_is_exact(tmp_path, signum):
     full.fit()
     stopped = _seeded_trainer(tmp_path / "split", cfg, criterion=SignalAt(5, signum))
     before = signal.getsignal(signum)
-    with pytest.raises(TrainingInterrupted, match=r"interrupted at iteration 5/9 \(epoch 2\).*resume with"):
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at iteration 5/9; .*resume with"):
         stopped.fit()
     assert signal.getsignal(signum) == before  # handlers restored
     state = load_checkpoint(tmp_path / "split", TinyDetector())
@@ -237,11 +237,11 @@ def test_checkpoint_every_iterations_resumes_mid_epoch_exactly(tmp_path, workers
     cfg = make_cfg(epochs=3, checkpoint_period=0, checkpoint_every=2, eval_period=0)
     full = _seeded_trainer(tmp_path / "full", cfg, workers=workers)
     full.fit()
-    crashed = _seeded_trainer(tmp_path / "split", cfg, criterion=CrashAt(8), workers=workers)
+    crashed = _seeded_trainer(tmp_path / "split", cfg, criterion=CrashAt(6), workers=workers)
     with pytest.raises(SystemExit):
         crashed.fit()
     state = load_checkpoint(tmp_path / "split", TinyDetector())
-    assert (state["epoch"], state["iteration"]) == (2, 6)  # iterations 2, 4 (mid-epoch) and 6 (epoch end) saved
+    assert (state["epoch"], state["iteration"]) == (1, 4)  # saved at iterations 2 and 4, both mid-epoch
     resumed = _seeded_trainer(tmp_path / "split", cfg, workers=workers)
     resumed.fit(resume=tmp_path / "split")
     a, b = full.model.state_dict(), resumed.model.state_dict()
@@ -250,8 +250,28 @@ def test_checkpoint_every_iterations_resumes_mid_epoch_exactly(tmp_path, workers
 
 def test_resume_refuses_a_checkpoint_of_another_schedule(tmp_path):
     _seeded_trainer(tmp_path, make_cfg(epochs=1)).fit()
-    with pytest.raises(ValueError, match="does not fit this run"):
+    with pytest.raises(ValueError, match=r"run with total_iters 3 \(now 7\); resume with the dataset"):
         _seeded_trainer(tmp_path, make_cfg(epochs=1, max_iters=7)).fit(resume=tmp_path)
+    trainer = _seeded_trainer(tmp_path, make_cfg(epochs=1))
+    trainer.loader = build_loader(BoxDataset(), batch_size=2, train=True, workers=0, seed=7, distributed=False)
+    trainer.iters_per_epoch = len(trainer.loader)
+    with pytest.raises(ValueError, match=r"iters_per_epoch 3 \(now 4\)"):
+        trainer.fit(resume=tmp_path)
+
+
+def test_resuming_a_finished_max_iters_run_has_nothing_left(tmp_path):
+    cfg = make_cfg(epochs=0, max_iters=4, eval_period=0)  # 3 iterations per epoch: the last epoch is partial
+    _seeded_trainer(tmp_path, cfg).fit()
+    out = _seeded_trainer(tmp_path, cfg).fit(resume=tmp_path)
+    assert (out["epoch"], out["iteration"], out["eval"]) == (2, 4, None)
+
+
+def test_a_second_fit_after_an_interrupt_starts_with_no_pending_stop(tmp_path):
+    trainer = _seeded_trainer(tmp_path, make_cfg(epochs=2), criterion=SignalAt(2))
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    trainer.criterion.at = None
+    assert trainer.fit(resume=tmp_path)["iteration"] == 6
 
 
 class NaNOutput(BoxCriterion):
@@ -271,17 +291,21 @@ def test_non_finite_output_is_named_even_when_the_criterion_raises(tmp_path):
 
 
 class NaNGradient(BoxCriterion):
-    """Finite loss value whose gradient is NaN (d sqrt(x)/dx at 0, times 0)."""
+    """Finite loss value whose gradient is NaN in ``param`` only (d sqrt(x)/dx at 0, times 0)."""
+
+    param = None
 
     def __call__(self, outputs, targets, epoch=0, max_epoch=1):
         out = super().__call__(outputs, targets, epoch, max_epoch)
-        return {**out, "loss_sqrt": torch.sqrt(outputs["pred_boxes"].sum() * 0)}
+        return {**out, "loss_sqrt": torch.sqrt(self.param.sum() * 0)}
 
 
-def test_non_finite_gradient_stops_before_the_update(tmp_path):
-    trainer = _seeded_trainer(tmp_path, make_cfg(clip_grad_norm=0.0), criterion=NaNGradient())
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_non_finite_gradient_stops_before_the_update(tmp_path, clip):
+    trainer = _seeded_trainer(tmp_path, make_cfg(clip_grad_norm=clip), criterion=NaNGradient())
+    trainer.criterion.param = trainer.model.head.bias  # the last parameter: clipping must not hide which one
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    with pytest.raises(FloatingPointError, match=r"iteration 1 .*non-finite gradient .*'conv1.weight'"):
+    with pytest.raises(FloatingPointError, match=r"iteration 1 .*non-finite gradient .*'head.bias'"):
         trainer.fit()
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("bn."))

@@ -27,8 +27,9 @@ TOTAL = 9
 
 def _args(bccd_subset: Path, out: Path) -> list[str]:
     over = [o for o in TINY if not o.startswith("workers=")]
-    return ["defcn_mnv2_cpu", f"data={bccd_subset}", "epochs=3", "workers=2", "train.checkpoint_every=2",
-            "train.eval_period=0", f"output={out}", "--pictures", "0", *over]
+    # saves at iterations 4 and 8 (mid-epoch) and 9 (the end): whichever the kill follows, it is mid-epoch
+    return ["defcn_mnv2_cpu", f"data={bccd_subset}", "epochs=3", "workers=2", "train.checkpoint_every=4",
+            "train.checkpoint_period=0", "train.eval_period=0", f"output={out}", "--pictures", "0", *over]
 
 
 def _start(args: list[str]) -> subprocess.Popen:
@@ -138,12 +139,27 @@ def test_second_train_never_touches_the_first_run(bccd_subset, tmp_path, capsys)
     assert not (tmp_path / "defcn_mnv2_cpu-3").exists()
 
 
-def test_a_folder_in_use_is_refused(bccd_subset, tmp_path, capsys):
+def test_a_folder_in_use_is_refused_and_left_alone(bccd_subset, tmp_path, capsys):
     run = tmp_path / "defcn_mnv2_cpu"
-    with lock_run_dir(run):
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"type": "train", "iteration": 1}\n')
+    with lock_run_dir(run):  # as a training in progress holds it
         code = main(["train", "defcn_mnv2_cpu", f"data={bccd_subset}", "iters=1", f"output={tmp_path}",
                      "--exist-ok", *TINY])
         resumed = main(["train", "defcn_mnv2_cpu", f"data={bccd_subset}", "--resume", str(run), *TINY])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and resumed == 2
     assert len(err) == 2 and all(f"run folder {run} is in use by another training" in line for line in err)
+    assert (run / "metrics.jsonl").is_file() and (run / "checkpoints").is_dir()
+
+
+def test_exist_ok_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path, capsys):
+    run = tmp_path / "defcn_mnv2_cpu"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert main(["train", "defcn_mnv2_cpu", f"data={tmp_path}/no/such/data", f"output={tmp_path}", "--exist-ok"]) == 2
+    assert (run / "metrics.jsonl").is_file()
+    # a failed start into a fresh numbered folder leaves no empty folder behind
+    assert main(["train", "defcn_mnv2_cpu", f"data={tmp_path}/no/such/data", f"output={tmp_path}"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["defcn_mnv2_cpu"]
+    capsys.readouterr()

@@ -6,7 +6,6 @@ Each job prints a short report and writes its files into the run folder (``outpu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import resource
 import statistics
@@ -23,7 +22,7 @@ from e2edet.engine.device import init_distributed
 from e2edet.engine.evaluator import evaluate, format_results_table, save_results
 from e2edet.engine.logger import read_metrics
 from e2edet.engine.rng import seed_everything
-from e2edet.engine.run_dir import lock_run_dir, new_run_dir, run_dir_of_checkpoint
+from e2edet.engine.run_dir import acquire_run_lock, clear_run, new_run_dir, remove_if_unused, run_dir_of_checkpoint
 from e2edet.engine.trainer import Trainer
 from e2edet.inference import Predictor
 from e2edet.utils.dist import broadcast_object, is_main_process
@@ -48,9 +47,10 @@ def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8, 
     """Train ``cfg``, evaluating AP with and without NMS on the validation split, and draw predictions.
 
     The run folder is ``cfg.run_dir`` (``output_dir/name``), or its first free numbered sibling (``name-2``,
-    ``name-3``, ...) when that already holds files; ``exist_ok`` reuses it instead, after removing the previous
-    run's outputs (:func:`e2edet.engine.run_dir.clear_run`). ``resume`` trains on in the folder it names. A lock
-    file keeps a second training out of a folder in use.
+    ``name-3``, ...) when that already holds files; ``exist_ok`` reuses it instead, removing the previous run's
+    outputs (:func:`e2edet.engine.run_dir.clear_run`) once the lock is held and the data and model are built.
+    ``resume`` trains on in the folder it names. A lock file keeps a second training out of a folder in use; a new
+    folder that a failed start left empty is removed.
 
     Returns:
         The final evaluation results (``{"no_nms": {...}, "nms": {...}, ...}``); empty when a resumed run had
@@ -62,16 +62,34 @@ def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8, 
         TrainingInterrupted: SIGINT/SIGTERM; ``checkpoints/last`` holds the current iteration.
     """
     device, _ = init_distributed(cfg.train.device)  # before the loaders: their samplers shard by rank
-    if resume is not None:
-        run_dir = run_dir_of_checkpoint(resume)
-    else:
-        run_dir = broadcast_object(new_run_dir(cfg.run_dir, exist_ok=exist_ok) if is_main_process() else None)
-    with lock_run_dir(run_dir) if is_main_process() else contextlib.nullcontext():
-        return _train(cfg, run_dir, device, resume, num_pictures)
+    run_dir = run_dir_of_checkpoint(resume) if resume is not None else None
+    lock, error = None, None
+    if is_main_process():  # rank 0 picks and locks the folder; every rank gets the folder or the error
+        try:
+            run_dir = run_dir or new_run_dir(cfg.run_dir, exist_ok=exist_ok)
+            lock = acquire_run_lock(run_dir)
+        except ConfigError as err:
+            error = str(err)
+    run_dir, error = broadcast_object((run_dir, error))
+    if error is not None:
+        raise ConfigError(error)
+    try:
+        return _train(cfg, run_dir, device, resume, num_pictures, clear=exist_ok and resume is None)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+            lock = None
+            if resume is None:
+                remove_if_unused(run_dir)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def _train(cfg: Config, run_dir: Path, device: torch.device, resume: str | Path | None, num_pictures: int) -> dict:
-    """:func:`train` inside its locked run folder."""
+def _train(cfg: Config, run_dir: Path, device: torch.device, resume: str | Path | None, num_pictures: int,
+           clear: bool) -> dict:
+    """:func:`train` inside its locked run folder; ``clear`` removes a previous run's outputs first (``exist_ok``)."""
     data = build_datasets(cfg)
     fill_classes(cfg, data.train.class_names)
     seed_everything(cfg.train.seed)  # model initialisation is part of a repeatable run
@@ -93,6 +111,8 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, resume: str | Path 
         _report(results, cfg, f"Evaluation after epoch {epoch} on {data.paths.val_json}")
         return results
 
+    if clear and is_main_process():  # data and model are built: the new run is about to write
+        clear_run(run_dir)
     trainer = Trainer(model, criterion, train_loader, t, run_dir, config_dict=to_dict(cfg),
                       evaluate_fn=evaluate_fn, best_metric=primary_metric(cfg))
     try:

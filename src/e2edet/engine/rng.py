@@ -1,7 +1,8 @@
 """Random-number-generator state: seeding, capture/restore for checkpoints, and isolation of side work.
 
 Resumable training is bitwise repeatable on CPU because the checkpoint stores the Python, NumPy and torch
-(CPU and CUDA) generator states at the end of an epoch, and because work that is not training (evaluation,
+(CPU and CUDA) generator states of the iteration it is written at, because data augmentation draws from per-sample
+seeds instead (:class:`e2edet.data.loader.SeededSamples`), and because work that is not training (evaluation,
 plotting) runs inside :func:`preserve_rng_state` so it never advances the training stream.
 """
 

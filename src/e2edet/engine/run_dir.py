@@ -2,7 +2,8 @@
 
 A new training never writes into a folder that already holds files: it takes the first free numbered sibling
 (``runs/defcn_mnv2_cpu-2``, ``-3``, ..., as Ultralytics does), unless the user asks to reuse the folder
-(``--exist-ok``), in which case the previous run's outputs are removed first so that nothing of two runs is mixed.
+(``--exist-ok``), in which case the previous run's outputs are removed (once the new training holds the folder's
+lock and has built its data and model) so that nothing of two runs is mixed.
 A resumed training writes into the folder it resumes. While a training runs, it holds ``<run>/.lock``
 (:mod:`filelock`), so a second process that wants the same folder stops at once with a clear error.
 """
@@ -21,7 +22,7 @@ from e2edet.config import ConfigError
 LOCK_NAME = ".lock"
 
 #: What a training writes into its run folder (removed by :func:`clear_run`); anything else is left alone.
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "loss.png", "reliability.png", "summary.json", "eval_epoch*.json",
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "loss.png", "*reliability.png", "summary.json", "eval*.json",
                "checkpoints", "predictions", ".metrics.jsonl.tmp")
 
 
@@ -30,16 +31,16 @@ def _holds_files(path: Path) -> bool:
 
 
 def new_run_dir(path: str | Path, exist_ok: bool = False) -> Path:
-    """Create and return the folder of a new training.
+    """Create and return the folder of a new training (nothing in it is removed here).
 
     Args:
         path: the wanted folder (``output_dir/name``).
-        exist_ok: reuse ``path`` even when it holds files, removing the previous run's outputs
-            (:data:`RUN_OUTPUTS`) first.
+        exist_ok: take ``path`` even when it holds files (the caller clears the previous run's outputs with
+            :func:`clear_run` once it holds the folder's lock).
     Returns:
-        ``path`` when it is free (absent or empty) or ``exist_ok``; else the first of ``path-2``, ``path-3``, ...
-        that did not exist (created here with ``mkdir``, which is atomic, so two trainings started at once get two
-        folders).
+        ``path`` when it is absent, empty or ``exist_ok``; else the first of ``path-2``, ``path-3``, ... that did
+        not exist (created here with ``mkdir``, which is atomic, so two trainings started at once never share a
+        numbered folder; two that both find ``path`` empty are kept apart by the lock, :func:`acquire_run_lock`).
     Raises:
         ConfigError: ``path`` exists and is a file, or cannot be created (names the path).
     """
@@ -49,8 +50,6 @@ def new_run_dir(path: str | Path, exist_ok: bool = False) -> Path:
     try:
         if exist_ok or not _holds_files(path):
             path.mkdir(parents=True, exist_ok=True)
-            if exist_ok:
-                clear_run(path)
             return path
         for n in range(2, 10_000):
             candidate = path.with_name(f"{path.name}-{n}")
@@ -91,22 +90,42 @@ def run_dir_of_checkpoint(path: str | Path) -> Path:
     return p
 
 
-@contextlib.contextmanager
-def lock_run_dir(path: str | Path) -> Iterator[Path]:
-    """Hold ``<path>/.lock`` for the duration of the block (the folder is created if needed).
+def remove_if_unused(path: str | Path) -> None:
+    """Remove run folder ``path`` if it holds nothing but its lock file (a training that failed before writing
+    anything), so that failed attempts do not leave ``NAME-2``, ``NAME-3``, ... behind. Call without the lock."""
+    path = Path(path)
+    if path.is_dir() and not _holds_files(path):
+        (path / LOCK_NAME).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def acquire_run_lock(path: str | Path) -> FileLock:
+    """Take ``<path>/.lock`` (the folder is created if needed); the caller releases it.
 
     Raises:
-        ConfigError: another process holds the lock (names the folder and the lock file).
+        ConfigError: another process holds the lock (names the folder and the lock file), or the folder cannot be
+            created.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create run folder {path}: {err.strerror or err}") from err
     lock = FileLock(str(path / LOCK_NAME))
     try:
         lock.acquire(timeout=0)
     except Timeout:
         raise ConfigError(f"run folder {path} is in use by another training (lock {path / LOCK_NAME}); wait for "
                           f"it to end, or train into another folder (output=DIR or name=NAME)") from None
+    return lock
+
+
+@contextlib.contextmanager
+def lock_run_dir(path: str | Path) -> Iterator[Path]:
+    """Hold ``<path>/.lock`` for the duration of the block (see :func:`acquire_run_lock`)."""
+    lock = acquire_run_lock(path)
     try:
-        yield path
+        yield Path(path)
     finally:
         lock.release()

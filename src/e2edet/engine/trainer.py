@@ -145,6 +145,8 @@ class Trainer:
         self.last_train: dict | None = None
         self._stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler during fit()
         self._resumed = False
+        self._saved: dict[str, int] = {}  # checkpoint tag -> iteration it was last written at
+        self.checkpoint_every = int(getattr(cfg, "checkpoint_every", 0) or 0)
 
     def close(self) -> None:
         """Destroy the process group if this trainer created it (call once all distributed work is done)."""
@@ -156,11 +158,13 @@ class Trainer:
     def trainer_state(self) -> dict[str, Any]:
         """Loop state stored in ``state.pt``: epoch/iteration counters, best metric and RNG states."""
         return {"epoch": self.epoch, "iteration": self.iteration, "total_iters": self.total_iters,
-                "num_epochs": self.num_epochs, "best_metric": self.best, "best_metric_name": self.best_metric,
+                "num_epochs": self.num_epochs, "iters_per_epoch": self.iters_per_epoch,
+                "world_size": get_world_size(), "best_metric": self.best, "best_metric_name": self.best_metric,
                 "rng": capture_rng_state()}
 
     def save(self, tag: str) -> None:
         """Write ``checkpoints/<tag>`` on the main process (atomic, see :mod:`e2edet.engine.checkpoint`)."""
+        self._saved[tag] = self.iteration
         if is_main_process():
             save_checkpoint(self.run_dir, tag, self.model, self.optimizer, self.scheduler, self.trainer_state(),
                             self.config_dict)
@@ -174,13 +178,16 @@ class Trainer:
         """
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, strict=True)
         self.epoch, self.iteration = int(state.get("epoch", 0)), int(state.get("iteration", 0))
+        saved = {k: int(state.get(k, now)) for k, now in (("total_iters", self.total_iters), ("iters_per_epoch",
+                 self.iters_per_epoch), ("world_size", get_world_size()))}
+        now = {"total_iters": self.total_iters, "iters_per_epoch": self.iters_per_epoch, "world_size": get_world_size()}
         done_in_epoch = self.iteration - self.epoch * self.iters_per_epoch
-        if not 0 <= done_in_epoch <= self.iters_per_epoch or int(state.get("total_iters", self.total_iters)) \
-                != self.total_iters:
-            raise ValueError(f"cannot resume from {path}: it stopped at epoch {self.epoch}, iteration "
-                             f"{self.iteration} of {state.get('total_iters')}, which does not fit this run "
-                             f"({self.iters_per_epoch} iterations per epoch, {self.total_iters} in all); "
-                             f"resume with the dataset, batch size and schedule it was trained with")
+        finished = self.iteration == self.total_iters and self.epoch == self.num_epochs
+        if saved != now or not (finished or 0 <= done_in_epoch <= self.iters_per_epoch):
+            differ = ", ".join(f"{k} {saved[k]} (now {now[k]})" for k in saved if saved[k] != now[k])
+            raise ValueError(f"cannot resume from {path}: it stopped at iteration {self.iteration} of a run with "
+                             f"{differ or 'another schedule'}; resume with the dataset, batch size, number of "
+                             f"processes and schedule it was trained with")
         self.best = state.get("best_metric")
         self._resumed = True
         self.logger.truncate_after(self.iteration)
@@ -230,16 +237,18 @@ class Trainer:
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
         """Within the block, SIGINT/SIGTERM ask the loop to stop after the current iteration (a second one aborts)."""
+        self._stop_signal = None
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+
         def handler(signum: int, frame: Any) -> None:
             if self._stop_signal is not None:  # second signal: abort now, without a checkpoint
                 raise KeyboardInterrupt
             self._stop_signal = signum
             if is_main_process():
-                print(f"\ne2edet: {signal.Signals(signum).name} received: finishing iteration {self.iteration + 1} "
-                      f"and writing {self.run_dir / 'checkpoints' / 'last'} (again to abort without saving)",
+                print(f"\ne2edet: {signal.Signals(signum).name} received: finishing the current step, then writing "
+                      f"{self.run_dir / 'checkpoints' / 'last'} (again to abort without saving)",
                       file=sys.stderr, flush=True)
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -262,12 +271,12 @@ class Trainer:
         :class:`TrainingInterrupted`."""
         if not self._stop_requested() or self.iteration >= self.total_iters:  # a finished run just ends
             return
-        self.save("last")
+        if self._saved.get("last") != self.iteration:
+            self.save("last")
         config = self.run_dir / "config.yaml"
         how = f"e2edet train {config} --resume {self.run_dir}" if config.is_file() else f"--resume {self.run_dir}"
-        raise TrainingInterrupted(f"interrupted at iteration {self.iteration}/{self.total_iters} (epoch "
-                                  f"{self.epoch + 1}); checkpoint {self.run_dir / 'checkpoints' / 'last'} written; "
-                                  f"resume with: {how}")
+        raise TrainingInterrupted(f"interrupted at iteration {self.iteration}/{self.total_iters}; checkpoint "
+                                  f"{self.run_dir / 'checkpoints' / 'last'} written; resume with: {how}")
 
     def _train_epoch(self, epoch: int, start: int = 0) -> None:
         """Run the iterations of 0-based ``epoch`` from its ``start``-th batch (fewer in the last epoch of a
@@ -276,10 +285,10 @@ class Trainer:
         batch_sampler = getattr(self.loader, "batch_sampler", None)
         owners = (self.loader, getattr(self.loader, "sampler", None), batch_sampler,
                   getattr(batch_sampler, "sampler", None))
-        skip = start
+        skip, batch_size = start, int(getattr(self.loader, "batch_size", 0) or 0)
         for obj in {id(o): o for o in owners if hasattr(o, "set_epoch")}.values():
-            if start and "start" in inspect.signature(obj.set_epoch).parameters:
-                obj.set_epoch(epoch, start=start * int(getattr(self.loader, "batch_size", 0) or 0))
+            if start and batch_size and "start" in inspect.signature(obj.set_epoch).parameters:
+                obj.set_epoch(epoch, start=start * batch_size)
                 skip = 0
             else:
                 obj.set_epoch(epoch)
@@ -320,7 +329,7 @@ class Trainer:
                     self.logger.log(record)
                     self.last_train = record
                     window, count = {}, 0
-                every = int(getattr(self.cfg, "checkpoint_every", 0) or 0)
+                every = self.checkpoint_every
                 if every > 0 and self.iteration % every == 0 and i < num_iters - 1:
                     self.save("last")  # mid-epoch; the end of the epoch saves on its own (see _end_of_epoch)
                 if self._stop_requested():
@@ -373,19 +382,35 @@ class Trainer:
                                                                      f"({shown}{more})"))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip = float(getattr(self.cfg, "clip_grad_norm", 0.0) or 0.0)
-        # the total gradient norm (clipped to ``clip`` when set) doubles as the finiteness check of the gradients
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf))
+        norm = self._clip_gradients(float(getattr(self.cfg, "clip_grad_norm", 0.0) or 0.0), epoch)
+        values["grad_norm"] = norm
+        self.optimizer.step()
+        self.scheduler.step()
+        return values
+
+    def _clip_gradients(self, clip: float, epoch: int) -> float:
+        """Total L2 norm of the gradients, which must be finite; scales them to norm ``clip`` when it is above.
+
+        The scaling is ``torch.nn.utils.clip_grad_norm_``'s (factor ``clip / (norm + 1e-6)``, applied only when
+        below 1); the norm is computed first so that a NaN/inf gradient is found, and named, before anything is
+        scaled. Raises FloatingPointError naming the first parameter with a non-finite gradient.
+        """
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach(), 2.0)
+                                                            for g in grads]), 2.0))
         if not math.isfinite(norm):
             name = next((n for n, p in self.model.named_parameters()
                          if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "?")
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(self._non_finite_message(epoch, f"non-finite gradient (norm {norm}, first in "
                                                                      f"{name!r}) of finite losses"))
-        values["grad_norm"] = norm
-        self.optimizer.step()
-        self.scheduler.step()
-        return values
+        coef = clip / (norm + 1e-6)
+        if clip > 0 and coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+        return norm
 
     def _non_finite_message(self, epoch: int, what: str) -> str:
         """One line for a non-finite step: iteration, what was not finite, and the checkpoint that is kept."""
@@ -400,7 +425,7 @@ class Trainer:
         eval_period, ckpt_period = int(self.cfg.eval_period), int(self.cfg.checkpoint_period)
         if self.evaluate_fn is not None and (finished or (eval_period > 0 and done % eval_period == 0)):
             self._evaluate(done)
-        every = int(getattr(self.cfg, "checkpoint_every", 0) or 0)
+        every = self.checkpoint_every
         if finished or stopping or (ckpt_period > 0 and done % ckpt_period == 0) or (
                 every > 0 and self.iteration % every == 0):
             self.save("last")
