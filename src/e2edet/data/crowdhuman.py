@@ -20,11 +20,10 @@ the box an ignore region, as in the official head evaluation mode.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
-from e2edet.data.errors import dataset_error
+from e2edet.data.errors import dataset_error, parse_json, read_text
 from e2edet.data.validate import decode_image_size, is_finite_number
 
 __all__ = ["BOX_TYPES", "read_odgt", "odgt_to_coco"]
@@ -48,20 +47,12 @@ def read_odgt(path: str | Path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise dataset_error(path, "file", "does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise dataset_error(path, "file", f"cannot be read as UTF-8 text: {exc}") from exc
+    text = read_text(path)
     records = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise dataset_error(path, f"line {line_no} column {exc.colno}", f"invalid JSON: {exc.msg}") from exc
-        except (ValueError, RecursionError) as exc:  # e.g. an integer with more than 4300 digits
-            raise dataset_error(path, f"line {line_no}", f"invalid JSON: {' '.join(str(exc).split())}") from exc
+        record = parse_json(line, path, line=line_no)
         if not isinstance(record, dict):
             raise dataset_error(path, f"line {line_no}", f"expected a JSON object, got {type(record).__name__}")
         records.append((line_no, record))

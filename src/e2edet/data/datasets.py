@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from e2edet.data.convert import save_coco_json
-from e2edet.data.errors import dataset_error
+from e2edet.data.errors import dataset_error, read_text
 from e2edet.data.samples import cache_dir, prepare_trees
 from e2edet.data.voc import voc_class_names, voc_to_coco
 
@@ -86,10 +86,9 @@ def voc_as_coco(voc_root: str | Path, name: str | None = None) -> DatasetPaths:
 
 
 def _from_yaml(path: Path) -> DatasetPaths:
+    text = read_text(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise dataset_error(path, "file", f"cannot be read as UTF-8 text: {exc}") from exc
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise dataset_error(path, "file", f"invalid YAML: {exc}") from exc
     if not isinstance(data, dict):

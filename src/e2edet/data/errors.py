@@ -7,9 +7,13 @@ offending record (image id, file name, annotation id, XML object index or line n
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-__all__ = ["DatasetError", "RegistryError", "dataset_error"]
+from e2edet.utils import error_text
+
+__all__ = ["DatasetError", "RegistryError", "dataset_error", "read_text", "parse_json"]
 
 
 class DatasetError(ValueError):
@@ -49,3 +53,37 @@ def dataset_error(source: str | Path, record: str, problem: str) -> DatasetError
     error = DatasetError(f"{source}: {record}: {problem}")
     error.source, error.record, error.problem = str(source), record, problem
     return error
+
+
+def read_text(path: str | Path) -> str:
+    """The text of a UTF-8 file (a byte-order mark is dropped).
+
+    Raises:
+        DatasetError: ``"<file>: file: cannot be read as UTF-8 text: <reason>"`` (unreadable, a folder, not UTF-8).
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise dataset_error(path, "file", f"cannot be read as UTF-8 text: {exc}") from exc
+
+
+def parse_json(text: str, source: str | Path, line: int | None = None) -> Any:
+    """``json.loads(text)``, with errors reported against ``source``.
+
+    Args:
+        text: the JSON text; source: the file it comes from.
+        line: the line of ``source`` that ``text`` is, for files of one JSON record per line (CrowdHuman
+            ``.odgt``); None when ``text`` is the whole file.
+    Raises:
+        DatasetError: ``"<file>: line L column C: invalid JSON: <what>"`` for a syntax error; ``"<file>: file:"``
+            (or ``line L``) ``"invalid JSON: <reason>"`` for a value Python refuses (an integer of more than 4300
+            digits, nesting too deep).
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"line {line if line is not None else exc.lineno} column {exc.colno}"
+        raise dataset_error(source, where, f"invalid JSON: {exc.msg}") from exc
+    except (ValueError, RecursionError) as exc:  # e.g. an integer with more than 4300 digits, absurd nesting
+        where = "file" if line is None else f"line {line}"
+        raise dataset_error(source, where, f"invalid JSON: {error_text(exc)}") from exc

@@ -7,7 +7,6 @@ as COCO ``[x, y, w, h]`` in pixels with the origin at the top-left image corner,
 
 from __future__ import annotations
 
-import json
 import math
 import reprlib
 from numbers import Real
@@ -16,7 +15,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from e2edet.data.errors import DatasetError, dataset_error
+from e2edet.data.errors import DatasetError, dataset_error, parse_json
+from e2edet.utils import error_text
 
 __all__ = [
     "load_coco_json", "validate_coco", "decode_image_size", "image_problem", "is_finite_number", "require_image_file",
@@ -36,7 +36,7 @@ def image_problem(exc: BaseException) -> str:
         return "not an image file PIL can read (unknown format or corrupt header)"
     if isinstance(exc, Image.DecompressionBombError):
         return f"image too large to decode safely: {exc}"
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = error_text(exc)
     if "truncated" in text.lower() or isinstance(exc, (EOFError, SyntaxError)):
         return f"truncated or corrupt image (PIL: {text})"
     return f"cannot decode the image ({type(exc).__name__}: {text})"
@@ -108,12 +108,7 @@ def load_coco_json(path: str | Path) -> dict:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise dataset_error(path, f"byte {exc.start}", "is not UTF-8 text") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise dataset_error(path, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}") from exc
-    except (ValueError, RecursionError) as exc:  # e.g. an integer with more than 4300 digits, absurd nesting
-        raise dataset_error(path, "file", f"invalid JSON: {' '.join(str(exc).split())}") from exc
+    return parse_json(text, path)
 
 
 def is_finite_number(value: Any) -> bool:

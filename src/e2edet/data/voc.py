@@ -18,8 +18,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2edet.data.errors import dataset_error
+from e2edet.data.errors import dataset_error, read_text
 from e2edet.data.validate import decode_image_size
+from e2edet.utils import error_text
 
 __all__ = ["VocObject", "VocAnnotation", "parse_voc_xml", "read_split_ids", "voc_class_names", "voc_to_coco"]
 
@@ -84,7 +85,7 @@ def parse_voc_xml(path: str | Path, data: bytes | None = None) -> VocAnnotation:
         line, col = exc.position
         raise dataset_error(path, f"line {line} column {col}", f"malformed XML: {exc}") from exc
     except (ValueError, LookupError, RecursionError) as exc:  # e.g. an unknown encoding declaration
-        raise dataset_error(path, "file", f"malformed XML: {' '.join(str(exc).split())}") from exc
+        raise dataset_error(path, "file", f"malformed XML: {error_text(exc)}") from exc
     width = height = None
     size = root.find("size")
     if size is not None:
@@ -133,10 +134,7 @@ def read_split_ids(voc_root: str | Path, split: str) -> list[str]:
     split_file = Path(voc_root) / "ImageSets" / "Main" / f"{split}.txt"
     if not split_file.is_file():
         raise dataset_error(split_file, "file", f"split '{split}' not found (expected one image id per line)")
-    try:
-        text = split_file.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise dataset_error(split_file, "file", f"cannot be read as UTF-8 text: {exc}") from exc
+    text = read_text(split_file)
     ids = [line.split()[0] for line in text.splitlines() if line.strip()]
     if not ids:
         raise dataset_error(split_file, "file", "lists no image ids")

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import yaml
 
-from e2edet.data.errors import dataset_error
+from e2edet.data.errors import dataset_error, read_text
 from e2edet.data.validate import decode_image_size
 
 __all__ = ["read_class_names", "yolo_to_coco", "YOLO_TOLERANCE"]
@@ -39,10 +39,7 @@ def read_class_names(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise dataset_error(path, "file", "class-name file does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise dataset_error(path, "file", f"cannot be read as UTF-8 text: {exc}") from exc
+    text = read_text(path)
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             data = yaml.safe_load(text)
@@ -142,10 +139,7 @@ def yolo_to_coco(
         label_file = labels_dir / f"{image.stem}.txt"
         if not label_file.is_file():
             continue
-        try:
-            text = label_file.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise dataset_error(label_file, "file", f"cannot be read as UTF-8 text: {exc}") from exc
+        text = read_text(label_file)
         for line_no, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue

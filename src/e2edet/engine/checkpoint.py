@@ -26,6 +26,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from e2edet.utils import error_text
+
 FORMAT = "e2edet-v1"
 WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "state.pt"
@@ -201,8 +203,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     try:
         state_dict = load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise WeightsError(f"{file} is not a readable safetensors weights file: {reason}") from err
+        raise WeightsError(f"{file} is not a readable safetensors weights file: {error_text(err)}") from err
     bad = [k for k in sorted(state_dict) if state_dict[k].is_floating_point()
            and not bool(torch.isfinite(state_dict[k]).all())]
     if bad:
@@ -231,8 +232,7 @@ def read_weights_header(path: str | Path) -> tuple[Path, dict[str, tuple[int, ..
             metadata = f.metadata() or {}
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise WeightsError(f"{file} is not a readable safetensors weights file: {reason}") from err
+        raise WeightsError(f"{file} is not a readable safetensors weights file: {error_text(err)}") from err
     fmt = metadata.get("format")
     if fmt is not None and fmt != FORMAT:
         raise WeightsError(f"{file} has checkpoint format {fmt!r}; this version of e2edet reads {FORMAT!r}")
