@@ -28,7 +28,6 @@ from e2edet.engine.checkpoint import save_checkpoint
 from e2edet.recipes import get_recipe
 from tests.conftest import ROOT, TINY
 
-DATA_SIDE = pytest.mark.xfail(strict=False, reason="data-side fix in progress")
 CLASSES = ["cat", "dog"]
 
 
@@ -271,9 +270,7 @@ CASES = [
                                              "--out", "{tmp}/y.json"], "--classes"),
     ("train: truncated image in a worker", ["train", "defcn_mnv2_cpu", "data={data_badimg}", "iters=1", *TINY,
                                             "workers=1", "output={tmp}/runs_w"], "ds_badimg/images/"),
-]
-
-DATA_SIDE_CASES = [
+    # --- data files: conversion, checks and images
     ("voc nan xmin", ["data", "convert", "voc", "{voc_nan}", "--out", "{tmp}/v.json"], "a.xml"),
     ("voc truncated jpeg", ["data", "convert", "voc", "{voc_trunc}", "--out", "{tmp}/v2.json"], "a.jpg"),
     ("check 0-byte image", ["data", "check", "{check_empty}/ann.json", "--images", "{check_empty}"], "a.png"),
@@ -284,27 +281,22 @@ DATA_SIDE_CASES = [
     ("predict on a non-image file", ["predict", "{run}", "{notimg}", "--out", "{tmp}/pred2"], "notimg.png"),
 ]
 
-#: Cases the data / inference fixes (in progress in parallel) must turn into one line; xfail until they land
-#: (none left: all of them pass).
-XFAIL_DATA: set[str] = set()
-
 
 def _argv(template: list[str], f: dict[str, Path]) -> list[str]:
     return [a.format(**{k: str(v) for k, v in f.items()}) for a in template]
 
 
-def _check(rc: int, err: str, out: str, expected: str) -> None:
+def _check(rc: int, err: str, out: str, expected: str, code: int = 2) -> None:
     # the training progress bar (tqdm, on stderr) is output, not an error line
     lines = [line for line in err.splitlines() if line and not re.match(r"epoch \d+/\d+: ", line)]
     assert "Traceback" not in err + out, err
-    assert rc == 2, (rc, err)
+    assert rc == code, (rc, err)
     assert len(lines) == 1 and lines[0].strip(), err
     assert lines[0].startswith("e2edet: error: ") and lines[0].endswith("(set E2EDET_DEBUG=1 for a traceback)")
     assert expected in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("argv, expected", [pytest.param(a, e, id=i) for i, a, e in CASES] + [
-    pytest.param(a, e, id=i, marks=[DATA_SIDE] if i in XFAIL_DATA else []) for i, a, e in DATA_SIDE_CASES])
+@pytest.mark.parametrize("argv, expected", [pytest.param(a, e, id=i) for i, a, e in CASES])
 def test_bad_input_one_line_exit_2(argv, expected, f, capsys, monkeypatch):
     monkeypatch.chdir(f["tmp"])  # nothing may be written into the checkout
     monkeypatch.delenv("E2EDET_DEBUG", raising=False)
@@ -323,6 +315,35 @@ def test_absent_cuda_is_one_line(device, f, capsys, monkeypatch):
     rc = main(_argv(["train", "defcn_mnv2_cpu", "data={data}", f"device={device}", *TINY], f))
     captured = capsys.readouterr()
     _check(rc, captured.err, captured.out, f"train.device='{device}': CUDA is not available")
+
+
+def test_export_without_onnxruntime_is_one_line(f, capsys, monkeypatch):
+    """``onnx``/``onnxruntime`` not installed (an import failure, forced): exit 2 naming the export extra."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    monkeypatch.chdir(f["tmp"])
+    monkeypatch.delenv("E2EDET_DEBUG", raising=False)
+    out = f["tmp"] / "no_ort.onnx"
+    rc = main(["export", str(f["run"]), "--size", "64x64", "--out", str(out)])
+    captured = capsys.readouterr()
+    _check(rc, captured.err, captured.out, 'install the export extra: pip install "e2edet[export]"')
+    assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+
+
+def test_export_mismatch_is_one_line_exit_1(f, capsys, monkeypatch):
+    """onnxruntime's detections differing from PyTorch's (forced) is a failed check, not bad input: exit 1, one
+    line naming the ONNX file and the worst difference; no ONNX file is left behind."""
+    import e2edet.export as export
+
+    worst = "image 0: reference detection 0 (label 1, score 0.9, box [1.0, 2.0, 3.0, 4.0]) has no match"
+    monkeypatch.setattr(export, "compare_detections", lambda ref, got: [worst, "image 0: another difference"])
+    monkeypatch.chdir(f["tmp"])
+    monkeypatch.delenv("E2EDET_DEBUG", raising=False)
+    out = f["tmp"] / "mismatch.onnx"
+    rc = main(["export", str(f["run"]), "--size", "64x64", "--out", str(out)])
+    captured = capsys.readouterr()
+    _check(rc, captured.err, captured.out, f"{out}: onnxruntime differs from PyTorch on a random input; "
+                                           f"worst difference: {worst} (+1 more)", code=1)
+    assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
 
 
 def test_real_stderr_is_one_line(f):
@@ -369,13 +390,16 @@ def test_debug_env_gives_the_traceback(f, monkeypatch):
     (type("TrainingInterrupted", (Exception,), {"exit_code": 130})("interrupted at iteration 3/10; resume with "
                                                                   "--resume runs/x"),
      130, "e2edet: interrupted at iteration 3/10; resume with --resume runs/x"),
+    (type("CheckFailed", (RuntimeError,), {"exit_code": 1})("m.onnx: outputs differ"), 1,
+     "e2edet: error: m.onnx: outputs differ (set E2EDET_DEBUG=1 for a traceback)"),
     (FloatingPointError("non-finite loss at iteration 2 (epoch 0): loss_cls=nan"), 2,
      "e2edet: error: non-finite loss at iteration 2 (epoch 0): loss_cls=nan (set E2EDET_DEBUG=1 for a traceback)"),
     (PermissionError(13, "Permission denied", "/x/y.json"), 2,
      "e2edet: error: [Errno 13] Permission denied: '/x/y.json' (set E2EDET_DEBUG=1 for a traceback)"),
 ])
 def test_interrupts_and_error_types(exc, code, line, monkeypatch, capsys):
-    """Ctrl-C anywhere exits 130 with one line; an exception with ``exit_code`` uses it and its own message."""
+    """Ctrl-C anywhere exits 130 with one line; an exception with ``exit_code`` uses it and its own message (an
+    error line for codes other than 130)."""
     import e2edet.cli as cli
 
     def boom(args):

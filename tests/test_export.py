@@ -126,3 +126,30 @@ def test_unwritable_outputs_name_the_path(tmp_path):
         _check_writable(tmp_path)
     tmp = _check_writable(tmp_path / "new" / "m.onnx")
     assert tmp.is_file() and tmp.name == "m.onnx.tmp"
+
+
+def test_the_worst_difference_comes_first():
+    """A confident detection without a match is reported before a doubtful one (the CLI line shows the first)."""
+    ref = _dets()
+    got = _copy(ref)
+    got[0][0, 4] += np.array([30, 0, 30, 0], dtype=np.float32)  # score 0.5
+    got[0][0, 1] += np.array([30, 0, 30, 0], dtype=np.float32)  # score 0.8
+    problems = compare_detections(ref, got)
+    assert len(problems) == 4
+    assert problems[0].startswith("image 0: reference detection 1 (label 1, score 0.8,")
+    assert all("score 0.5" in p for p in problems[2:])
+
+
+def test_mismatch_exits_1_and_missing_packages_name_the_extra(monkeypatch):
+    import sys
+
+    from e2edet.cli import _error_exit_code
+    from e2edet.export import ExportMismatchError, _import_onnxruntime
+
+    assert _error_exit_code(ExportMismatchError("m.onnx: differs")) == 1
+    for name in ("onnx", "onnxruntime"):
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, name, None)  # `import name` raises ImportError
+            with pytest.raises(ExportError, match=r'install the export extra: pip install "e2edet\[export\]"') as info:
+                _import_onnxruntime()
+            assert isinstance(info.value, ConfigError) and name in str(info.value)

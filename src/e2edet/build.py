@@ -5,12 +5,9 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from pathlib import Path
-
-import torch
 from torch import nn
 
-from e2edet.config import DENSE_LOSS_KEYS, Config, ConfigError, from_dict
+from e2edet.config import DENSE_LOSS_KEYS, Config, ConfigError
 from e2edet.data.coco import CocoDetection
 from e2edet.data.datasets import DatasetPaths, resolve_dataset
 from e2edet.data.transforms import build_eval_transforms, build_train_transforms
@@ -59,35 +56,6 @@ def build_model(cfg: Config) -> nn.Module:
     from e2edet.models.query.adamixer import AdaMixer
 
     return AdaMixer(num_groups=m.num_groups, in_points=m.in_points, out_points=m.out_points, **query)
-
-
-def check_weights_match(weights: str | Path) -> None:
-    """Check that a weights file fits the model its own stored config builds, from the file's header only.
-
-    Run before loading trained weights for ``predict``/``eval``/``export``, so that a file with missing, extra or
-    mis-shaped tensors is reported in one line naming the file (the model is built on the ``meta`` device: no
-    memory, no initialisation cost). Files without an e2edet config are left to the loader to report.
-
-    Raises:
-        FileNotFoundError / e2edet.engine.checkpoint.WeightsError: unreadable file.
-        ConfigError: the stored config is invalid (names the file and the key).
-        e2edet.engine.checkpoint.WeightsMismatchError: the tensors do not match the model (counts and first keys).
-    """
-    from e2edet.engine.checkpoint import WeightsMismatchError, read_weights_header, weights_mismatch
-
-    file, shapes, cfg_dict = read_weights_header(weights)
-    if cfg_dict is None:
-        return
-    cfg = from_dict(cfg_dict, str(file))
-    cfg.model.pretrained = False
-    try:
-        with torch.device("meta"):
-            model = build_model(cfg)
-    except Exception:  # a module whose construction needs real tensors: build it on the CPU (or raise there)
-        model = build_model(cfg)
-    problems = weights_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes)
-    if problems:
-        raise WeightsMismatchError(f"{file}: does not match the model its config describes: {problems}")
 
 
 def build_criterion(cfg: Config) -> nn.Module:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from e2edet.config import ConfigError, apply_overrides, load_config, to_dict
+from e2edet.config import DEVICE_FORMS, ConfigError, apply_overrides, load_config, to_dict
 
 
 def _load_recipe_or_file(spec: str):
@@ -48,21 +48,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_weights_and_device(weights: str, device: str | None) -> None:
-    """Before loading trained weights: the ``--device`` exists, and the file's tensors fit the model its config
-    describes (one-line errors instead of torch's multi-line ``load_state_dict`` report)."""
-    from e2edet.build import check_weights_match
+def _check_device(device: str) -> None:
+    """Before loading trained weights: the ``--device`` exists (one line naming ``--device`` otherwise). Weights that
+    do not fit their model are reported by the loader (:func:`e2edet.engine.checkpoint.load_model_weights`)."""
     from e2edet.engine.device import select_device
 
-    if device is not None:
-        select_device(device, key="--device")
-    check_weights_match(weights)
+    select_device(device, key="--device")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from e2edet.tasks import evaluate_weights
 
-    _check_weights_and_device(args.weights, args.device)
+    _check_device(args.device)
     evaluate_weights(args.weights, args.overrides, out=args.out, device=args.device)
     return 0
 
@@ -74,7 +71,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not 0 <= args.score <= 1:
         raise ConfigError(f"--score {args.score}: must be a score in [0, 1]")
     files = list_images(args.sources)
-    _check_weights_and_device(args.weights, args.device)
+    _check_device(args.device)
     predict(args.weights, files, args.out, args.score, draw=not args.no_draw, device=args.device)
     return 0
 
@@ -84,7 +81,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from e2edet.inference import Predictor
 
     height, width = parse_size(args.size, "--size")
-    _check_weights_and_device(args.weights, None)
     predictor = Predictor.from_weights(args.weights, device="cpu")
     path = export_onnx(predictor.model, predictor.cfg, args.out, height, width)
     print(f"{path}: images [B, 3, {height}, {width}] -> boxes, scores, labels (top "
@@ -156,6 +152,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+#: ``--device`` help of the commands that load trained weights.
+_DEVICE_HELP = f"{DEVICE_FORMS} (default auto)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``e2edet`` argument parser (sub-commands train, eval, predict, data, recipes)."""
     p = _Parser(prog="e2edet", description="End-to-end (NMS-free) object detection.",
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("weights", help="run folder, checkpoint folder or model.safetensors")
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data=bccd test.max_detections=300")
     e.add_argument("--out", help="results JSON (default: eval.json beside the weights)")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, N (= cuda:N) or mps (default auto)")
+    e.add_argument("--device", default="auto", help=_DEVICE_HELP)
     e.set_defaults(func=_cmd_eval)
 
     pr = sub.add_parser("predict", help="detect objects in images; writes detections.json and pictures")
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     pr.add_argument("--score", type=float, default=0.3, help="minimum score to keep a detection (default 0.3)")
     pr.add_argument("--no-draw", action="store_true", help="write detections.json only")
-    pr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, N (= cuda:N) or mps (default auto)")
+    pr.add_argument("--device", default="auto", help=_DEVICE_HELP)
     pr.set_defaults(func=_cmd_predict)
 
     x = sub.add_parser("export", help="ONNX export of an end-to-end model (post-processing included, no NMS)")
@@ -271,7 +271,8 @@ def one_line(message: str, max_items: int = 3) -> str:
 def _error_exit_code(exc: BaseException) -> int | None:
     """Exit status for an exception that ends a command with one line instead of a traceback, else None.
 
-    * an ``exit_code`` attribute (e.g. ``e2edet.engine.trainer.TrainingInterrupted``, 130): that code;
+    * an ``exit_code`` attribute (e.g. ``e2edet.engine.trainer.TrainingInterrupted``, 130;
+      ``e2edet.export.ExportMismatchError``, 1): that code;
     * ``KeyboardInterrupt``: 130;
     * bad input, 2: ``ConfigError`` (also the device, export and usage errors), ``DatasetError``, the weights
       errors of :mod:`e2edet.engine.checkpoint` (unreadable, NaN/inf, not matching the model), ``OSError``
@@ -298,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns the exit status: 0; 2 with one line ``e2edet: error: ... (set E2EDET_DEBUG=1 for a traceback)`` on stderr
     on bad input (usage, config, data, weights or image files, devices, sizes, output paths; see
-    :func:`_error_exit_code`); 130 with ``e2edet: interrupted`` (or the interruption's own message) on Ctrl-C.
+    :func:`_error_exit_code`); 1 with the same kind of line when a check fails (an exported ONNX graph whose
+    outputs differ from PyTorch's); 130 with ``e2edet: interrupted`` (or the interruption's own message) on Ctrl-C.
     With ``E2EDET_DEBUG=1`` these exceptions propagate with their traceback.
     """
     try:
@@ -308,11 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         if code is None or os.environ.get("E2EDET_DEBUG"):
             raise
         message = one_line(str(exc))
-        if code == 2:
+        if code != 130:  # an error: bad input (2) or a failed check such as the export parity check (1)
             line = f"e2edet: error: {message or type(exc).__name__} {_DEBUG_HINT}"
         elif (isinstance(exc, KeyboardInterrupt) and not hasattr(exc, "exit_code")) or not message:
-            line = "e2edet: interrupted" if code == 130 else f"e2edet: {type(exc).__name__}"
-        else:  # an exception carrying its exit code and its own message (TrainingInterrupted)
+            line = "e2edet: interrupted"
+        else:  # an interruption with its own message (TrainingInterrupted: where to resume from)
             line = message if message.startswith("e2edet:") else f"e2edet: {message}"
         print(line, file=sys.stderr)
         return code

@@ -21,6 +21,7 @@ from torch import nn
 from e2edet.config import Config, ConfigError
 from e2edet.models.dense.postprocess import class_probabilities
 from e2edet.models.query.postprocess import query_scores
+from e2edet.utils import error_text
 
 
 #: Score modes whose top-k is the final output (no NMS): POTO, DeFCN, O2F, Sparse R-CNN / AdaMixer, D-RMM.
@@ -36,7 +37,28 @@ class ExportError(ConfigError):
 
 
 class ExportMismatchError(RuntimeError):
-    """The exported graph's detections, run by onnxruntime, differ from PyTorch's (see :func:`compare_detections`)."""
+    """The exported graph's detections, run by onnxruntime, differ from PyTorch's (see :func:`compare_detections`).
+
+    Not a user input error: the command line ends with exit status :attr:`exit_code` and the one-line message,
+    which names the ONNX file and the worst difference.
+    """
+
+    exit_code = 1
+
+
+def _import_onnxruntime():
+    """``onnxruntime`` (and a check that ``onnx``, which the exporter needs, is installed).
+
+    Raises:
+        ExportError: either package is missing, with the command that installs them.
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as err:
+        raise ExportError(f"ONNX export needs the onnx and onnxruntime packages ({error_text(err)}); install the "
+                          'export extra: pip install "e2edet[export]"') from err
+    return onnxruntime
 
 
 def check_size(height: int, width: int, key: str = "size") -> tuple[int, int]:
@@ -128,21 +150,22 @@ def compare_detections(
         score_tol: absolute score tolerance; box_tol: per-coordinate box tolerance in pixels; iou_min: IoU above
             which two boxes are the same; tie_tol: how close to the cut-off an unmatched detection's score must be.
     Returns:
-        One message per difference (empty when the outputs agree), e.g. ``"image 0: reference detection 3
-        (label 1, score 0.8123, box [10.0, 12.5, 40.0, 60.0]) has no match (closest same-label box: IoU 0.42,
-        score difference 1.2e-07)"``.
+        One message per difference (empty when the outputs agree), the worst first: shape and non-finite-value
+        problems, then unmatched detections by descending score (a confident detection missing is worse than a
+        doubtful one), e.g. ``"image 0: reference detection 3 (label 1, score 0.8123, box [10.0, 12.5, 40.0,
+        60.0]) has no match (closest same-label box: IoU 0.42, score difference 1.2e-07)"``.
     """
     ref = tuple(np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a) for a in ref)
     got = tuple(np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a) for a in got)
     shapes = [a.shape for a in ref], [a.shape for a in got]
     if shapes[0] != shapes[1]:
         return [f"output shapes differ: reference {shapes[0]} vs {shapes[1]}"]
-    problems: list[str] = []
+    problems: list[tuple[float, str]] = []  # (severity, message)
     for b in range(ref[1].shape[0]):
         sides = [(ref[0][b].astype(np.float64), ref[1][b].astype(np.float64), ref[2][b]),
                  (got[0][b].astype(np.float64), got[1][b].astype(np.float64), got[2][b])]
         if not all(np.isfinite(side[0]).all() and np.isfinite(side[1]).all() for side in sides):
-            problems.append(f"image {b}: non-finite boxes or scores")
+            problems.append((float("inf"), f"image {b}: non-finite boxes or scores"))
             continue
         (rb, rs, rl), (gb, gs, gl) = sides
         used = np.zeros(len(gs), dtype=bool)
@@ -171,9 +194,9 @@ def compare_detections(
                     near = (f" (closest same-label box: IoU {iou.max():.3f}, score difference "
                             f"{abs(oscore[j] - scores[i]):.2g})")
                 box = ", ".join(f"{v:.1f}" for v in boxes[i])
-                problems.append(f"image {b}: {side} detection {int(i)} (label {int(labels[i])}, score "
-                                f"{scores[i]:.4g}, box [{box}]) has no match{near}")
-    return problems
+                problems.append((float(scores[i]), f"image {b}: {side} detection {int(i)} (label {int(labels[i])}, "
+                                                   f"score {scores[i]:.4g}, box [{box}]) has no match{near}"))
+    return [message for _, message in sorted(problems, key=lambda p: -p[0])]  # stable: ties keep their order
 
 
 class EndToEndDetector(nn.Module):
@@ -215,16 +238,16 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
         The written path.
     Raises:
         ExportError (a ``ConfigError``): an FCOS-style recipe (needs NMS), a size that is not a positive multiple
-            of 32, or an ``out`` that cannot be written.
+            of 32, an ``out`` that cannot be written, or ``onnx``/``onnxruntime`` not installed.
         ExportMismatchError: onnxruntime's detections on a random input differ from PyTorch's when compared as sets
             (:func:`compare_detections`: same labels, scores within 1e-4, boxes IoU >= 0.99 or within 0.05 px;
-            near-ties at the top-k cut-off may differ).
+            near-ties at the top-k cut-off may differ); the message names ``out`` and the worst difference.
     """
     if cfg.test.nms_iou > 0:
         raise ExportError(f"{cfg.name} is evaluated with NMS (test.nms_iou={cfg.test.nms_iou}); export an end-to-end "
                           "recipe (poto, poto_3dmf, defcn, o2f, sparse_rcnn, adamixer, drmm_*)")
     check_size(height, width)
-    import onnxruntime as ort
+    ort = _import_onnxruntime()
 
     wrapper = EndToEndDetector(model, cfg.test.score, cfg.test.max_detections).eval()
     example = torch.randn(1, 3, height, width)
@@ -246,7 +269,8 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
         problems = compare_detections(tuple(ref), tuple(got))
         if problems:
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise ExportMismatchError(f"{out}: onnxruntime differs from PyTorch on a random input: {problems[0]}{more}")
+            raise ExportMismatchError(f"{out}: onnxruntime differs from PyTorch on a random input; worst difference: "
+                                      f"{problems[0]}{more}")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
