@@ -49,12 +49,13 @@ def test_unreadable_images_are_skipped_with_a_warning(files, tmp_path, capsys):
     assert records[0]["detections"][0]["box_xyxy"] == [1.0, 1.0, 5.0, 4.0]
     assert (tmp_path / "out" / "good.png").is_file()
     err = capsys.readouterr().err.splitlines()
-    assert err == [
-        f"e2edet: warning: {empty}: skipped: file is empty (0 bytes)",
-        f"e2edet: warning: {cut}: skipped: truncated or corrupt image (PIL: Truncated File Read)",
-        f"e2edet: warning: {text}: skipped: not an image file PIL can read (unknown format or corrupt header)",
-        f"e2edet: warning: {tmp_path / 'gone.png'}: skipped: file not found",
-    ]
+    assert len(err) == 4
+    assert err[0] == f"e2edet: warning: {empty}: skipped: file is empty (0 bytes)"
+    # the project's wording; the PIL reason quoted after it differs between Pillow versions
+    assert err[1].startswith(f"e2edet: warning: {cut}: skipped: truncated or corrupt image")
+    assert err[2] == (f"e2edet: warning: {text}: skipped: not an image file PIL can read (unknown format or corrupt "
+                      "header)")
+    assert err[3] == f"e2edet: warning: {tmp_path / 'gone.png'}: skipped: file not found"
     assert [p.name for p, _ in predictor.skipped] == ["empty.jpg", "cut.jpg", "notes.png", "gone.png"]
 
 
