@@ -7,7 +7,7 @@ import torch
 
 from e2edet.assign.base import DenseAssignment, assignment_from_gt_index
 from e2edet.assign.fcos import FCOSAssigner
-from e2edet.models.dense.box_coder import centerness_target, encode_ltrb
+from e2edet.ops.boxes import centerness_target, encode_ltrb
 from e2edet.models.dense.points import anchor_points
 
 

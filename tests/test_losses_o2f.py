@@ -19,7 +19,7 @@ from e2edet.assign.o2f import soft_target_scale
 from e2edet.engine.trainer import Trainer
 from e2edet.losses.dense_criterion import DenseCriterion
 from e2edet.losses.focal import soft_focal_loss_with_prob
-from e2edet.models.dense.box_coder import decode_ltrb
+from e2edet.ops.boxes import decode_ltrb
 from e2edet.models.dense.detector import flatten_levels
 from e2edet.models.dense.head import DenseHead
 from e2edet.models.dense.points import anchor_points

@@ -9,8 +9,8 @@ import torch
 
 from e2edet.models.query.adamixer import AdaMixer, AdaMixerStage, ChannelMapping
 from e2edet.models.query.adamixer_ops import (AdaptiveMixing, box_iof, initial_xyzr, iof_attn_bias, joint_layer_norm,
-                                              level_weights, make_sample_points, position_embedding, refine_xyzr,
-                                              sampling_3d, xyxy_to_xyzr, xyzr_to_xyxy)
+                                              level_weights, make_sample_points, position_embedding, sampling_3d)
+from e2edet.ops.boxes import refine_xyzr, xyxy_to_xyzr, xyzr_to_xyxy
 from e2edet.models.query.common import proposal_init
 
 STRIDES = [4, 8, 16, 32]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from e2edet.models.dense.box_coder import decode_ltrb
+from e2edet.ops.boxes import decode_ltrb
 from e2edet.models.dense.detector import DenseDetector
 from e2edet.models.dense.head import DenseHead
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from e2edet.models.dense.box_coder import centerness_target, decode_ltrb, encode_ltrb
+from e2edet.ops.boxes import centerness_target, decode_ltrb, encode_ltrb
 from e2edet.models.dense.points import anchor_points
 
 STRIDES = [8, 16, 32, 64, 128]

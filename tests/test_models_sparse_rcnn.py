@@ -10,7 +10,8 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from e2edet.models.query.dynamic_conv import DIIStage, DynamicConv
-from e2edet.models.query.sparse_rcnn import MAX_LOG_RATIO, PyramidRoIAlign, SparseRCNN, delta_xywh_decode
+from e2edet.models.query.sparse_rcnn import PyramidRoIAlign, SparseRCNN
+from e2edet.ops.boxes import MAX_LOG_RATIO, delta_xywh_decode
 
 K, N, D = 5, 6, 32
 MB = "mobilenet_v2"  # cheapest backbone to build

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from e2edet.models.dense.box_coder import encode_ltrb
+from e2edet.ops.boxes import encode_ltrb
 
 
 def pairwise_ltrb(points: Tensor, boxes: Tensor) -> Tensor:

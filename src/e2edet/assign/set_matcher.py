@@ -18,8 +18,9 @@ from torch import Tensor
 from torchvision.ops import box_convert, generalized_box_iou
 
 from e2edet.assign.hungarian import linear_assignment
+from e2edet.ops.boxes import image_whwh
 
-__all__ = ["BOX_SPACES", "HungarianMatcher", "focal_cost", "image_whwh"]
+__all__ = ["BOX_SPACES", "HungarianMatcher", "focal_cost"]
 
 #: Box spaces of the L1 cost: normalised xyxy (Sparse R-CNN / AdaMixer) or normalised cxcywh (DETR family).
 BOX_SPACES = ("xyxy_norm", "cxcywh_norm")
@@ -45,26 +46,6 @@ def focal_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float
     pos = -alpha * (1 - prob).pow(gamma) * (prob + _EPS).log()
     neg = -(1 - alpha) * prob.pow(gamma) * (1 - prob + _EPS).log()
     return (pos - neg)[..., labels]
-
-
-def image_whwh(targets: list[dict], device: torch.device) -> Tensor:
-    """``float32 [B, 4]`` ``(w, h, w, h)`` of each image's **unpadded** network-input size ``targets[b]["size"]``
-    (``(h, w)``, the collate contract), on ``device``.
-
-    Raises:
-        ValueError: a target has no ``"size"`` or it is not two numbers.
-    """
-    sizes = []
-    for b, t in enumerate(targets):
-        if "size" not in t:
-            raise ValueError(f"targets[{b}] has no 'size' (h, w) entry, needed to normalise boxes")
-        size = torch.as_tensor(t["size"]).detach().reshape(-1)
-        if size.numel() != 2:
-            raise ValueError(f"targets[{b}]['size'] must hold (h, w), got shape {tuple(size.shape)}")
-        sizes.append(size.to(device=device, dtype=torch.float32))
-    if not sizes:
-        return torch.zeros(0, 4, device=device)
-    return torch.stack(sizes).flip(-1).repeat(1, 2)
 
 
 def _check_inputs(pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict]) -> None:

@@ -20,7 +20,7 @@ from e2edet.assign.fcos import DEFAULT_SCALE_RANGES, FCOSAssigner
 from e2edet.assign.o2f import O2FAssigner, soft_target_scale
 from e2edet.assign.poto import POTOAssigner
 from e2edet.losses.focal import prob_focal_loss, sigmoid_focal_loss, soft_focal_loss_with_prob
-from e2edet.models.dense.box_coder import centerness_target, encode_ltrb
+from e2edet.ops.boxes import centerness_target, encode_ltrb
 from e2edet.utils.dist import reduce_mean
 
 ASSIGNERS = ("fcos", "poto", "poto_argmax", "o2f")

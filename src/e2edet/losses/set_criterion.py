@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
-from e2edet.assign.set_matcher import HungarianMatcher, image_whwh
+from e2edet.assign.set_matcher import HungarianMatcher
+from e2edet.ops.boxes import image_whwh
 from e2edet.losses.focal import sigmoid_focal_loss
 from e2edet.utils.dist import reduce_mean
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from e2edet.models.backbone import build_backbone
-from e2edet.models.dense.box_coder import decode_ltrb
+from e2edet.ops.boxes import decode_ltrb
 from e2edet.models.dense.head import DenseHead
 from e2edet.models.dense.points import anchor_points
 from e2edet.models.fpn import FPN

@@ -11,20 +11,11 @@ from collections.abc import Sequence
 import torch
 from torchvision import ops as tv_ops
 
+from e2edet.ops.boxes import as_image_sizes, rescale_boxes
+
 __all__ = ["DensePostProcessor", "SCORE_MODES", "class_probabilities"]
 
 SCORE_MODES = ("cls", "cls_filter", "cls_ctr_sqrt", "cls_ctr")
-
-
-def _as_sizes(sizes: torch.Tensor | Sequence, batch: int, name: str) -> torch.Tensor:
-    """``[B, 2]`` (h, w) sizes (tensor, nested list, or list of ``[2]`` tensors such as ``target["size"]``) as a
-    float64 CPU tensor; raises ValueError on a wrong shape."""
-    if not torch.is_tensor(sizes) and len(sizes) and torch.is_tensor(sizes[0]):
-        sizes = torch.stack([torch.as_tensor(s).cpu() for s in sizes])
-    t = torch.as_tensor(sizes, dtype=torch.float64, device="cpu").reshape(-1, 2)
-    if t.shape[0] != batch:
-        raise ValueError(f"{name} has {t.shape[0]} rows for a batch of {batch} images")
-    return t
 
 
 def class_probabilities(outputs: dict, score: str) -> torch.Tensor:
@@ -134,8 +125,8 @@ class DensePostProcessor:
         if needed is not None and needed not in outputs:
             raise ValueError(f"score mode '{self.score}' needs '{needed}' in the model outputs")
         batch = outputs["pred_logits"].shape[0]
-        image_sizes = _as_sizes(image_sizes, batch, "image_sizes")
-        orig_sizes = _as_sizes(orig_sizes, batch, "orig_sizes")
+        image_sizes = as_image_sizes(image_sizes, batch, "image_sizes")
+        orig_sizes = as_image_sizes(orig_sizes, batch, "orig_sizes")
         prob = class_probabilities(outputs, self.score)
         results = []
         for b in range(batch):
@@ -147,9 +138,9 @@ class DensePostProcessor:
             order = order[: self.max_detections]
             boxes, scores, labels = boxes[order], scores[order], labels[order]
 
-            (in_h, in_w), (orig_h, orig_w) = image_sizes[b].tolist(), orig_sizes[b].tolist()
-            factor = boxes.new_tensor([orig_w / in_w, orig_h / in_h, orig_w / in_w, orig_h / in_h])
-            boxes = tv_ops.clip_boxes_to_image(boxes * factor, (int(orig_h), int(orig_w)))
+            orig_h, orig_w = orig_sizes[b].tolist()
+            boxes = rescale_boxes(boxes, image_sizes[b].tolist(), (orig_h, orig_w))
+            boxes = tv_ops.clip_boxes_to_image(boxes, (int(orig_h), int(orig_w)))
             nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             results.append({"boxes": boxes[nonempty], "scores": scores[nonempty], "labels": labels[nonempty]})
         return results

@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from e2edet.models.backbone import build_backbone
 from e2edet.models.query.adamixer_ops import (AdaptiveMixing, grid_offsets, initial_xyzr, iof_attn_bias,
-                                              make_sample_points, position_embedding, refine_xyzr, sampling_3d,
-                                              xyzr_to_xyxy)
+                                              make_sample_points, position_embedding, sampling_3d)
 from e2edet.models.query.common import FFN, StageOutput, input_sizes, proposal_init as make_proposals
+from e2edet.ops.boxes import refine_xyzr, xyzr_to_xyxy
 
 __all__ = ["AdaMixer", "AdaMixerStage", "ChannelMapping"]
 

@@ -6,7 +6,8 @@ Spec ``query.md`` section 2.2; reference behaviour ``MCG-NJU/AdaMixer`` (commit 
 ``position_embedding``, ``refine_xyzr``), ``sampling_3d_operator.py`` (``sampling_3d``, ``translate_to_linear_weight``)
 and ``adaptive_mixing_operator.py`` (``AdaptiveMixing``).
 
-Box state ``xyzr`` (float32, pixels of the network input): x, y = box center; z = log2(sqrt(w·h)); r = log2(h / w).
+Box state ``xyzr`` (float32, pixels of the network input): x, y = box center; z = log2(sqrt(w·h)); r = log2(h / w);
+its conversions and update (``xyzr_to_xyxy``, ``xyxy_to_xyzr``, ``refine_xyzr``) are in :mod:`e2edet.ops.boxes`.
 """
 
 from __future__ import annotations
@@ -17,26 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from e2edet.models.query.common import proposals_to_pixels
+from e2edet.ops.boxes import normalized_cxcywh_to_xyxy, xyxy_to_xyzr, xyzr_to_xyxy
 
-__all__ = ["xyzr_to_xyxy", "xyxy_to_xyzr", "initial_xyzr", "refine_xyzr", "position_embedding", "box_iof",
-           "iof_attn_bias", "level_weights", "make_sample_points", "sampling_3d", "joint_layer_norm",
+__all__ = ["initial_xyzr", "position_embedding", "box_iof", "iof_attn_bias", "level_weights", "make_sample_points", "sampling_3d", "joint_layer_norm",
            "AdaptiveMixing", "grid_offsets"]
-
-
-def xyzr_to_xyxy(xyzr: Tensor) -> Tensor:
-    """``[..., 4]`` (x, y, z, r) -> ``[..., 4]`` xyxy pixels: w = 2^(z - r/2), h = 2^(z + r/2) (``decode_box``)."""
-    x, y, z, r = xyzr.unbind(-1)
-    w, h = torch.pow(2.0, z - 0.5 * r), torch.pow(2.0, z + 0.5 * r)
-    return torch.stack([x - 0.5 * w, y - 0.5 * h, x + 0.5 * w, y + 0.5 * h], dim=-1)
-
-
-def xyxy_to_xyzr(boxes: Tensor) -> Tensor:
-    """``[..., 4]`` xyxy pixels (w, h > 0) -> ``[..., 4]`` (x, y, z = log2 sqrt(w·h), r = log2(h/w)); the inverse of
-    ``xyzr_to_xyxy`` (``InitialQueryGenerator._decode_init_proposals``)."""
-    w, h = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-    return torch.stack([0.5 * (boxes[..., 0] + boxes[..., 2]), 0.5 * (boxes[..., 1] + boxes[..., 3]),
-                        0.5 * torch.log2(w * h), torch.log2(h / w)], dim=-1)
 
 
 def initial_xyzr(sizes: Tensor, proposals: Tensor) -> Tensor:
@@ -50,14 +35,7 @@ def initial_xyzr(sizes: Tensor, proposals: Tensor) -> Tensor:
     Returns:
         float32 ``[B, N, 4]`` (x, y, z, r), detached; the whole image is (W/2, H/2, log2 sqrt(W·H), log2(H/W)).
     """
-    return xyxy_to_xyzr(proposals_to_pixels(proposals.float(), sizes.float())).detach()
-
-
-def refine_xyzr(xyzr: Tensor, delta: Tensor) -> Tensor:
-    """Box update (``refine_xyzr``): x += dx·2^z, y += dy·2^z, z += dz, r += dr. ``[..., 4]`` -> ``[..., 4]``; the
-    center moves in units of sqrt(w·h) = 2^z pixels."""
-    scale = torch.pow(2.0, xyzr[..., 2:3])
-    return torch.cat([xyzr[..., :2] + delta[..., :2] * scale, xyzr[..., 2:] + delta[..., 2:]], dim=-1)
+    return xyxy_to_xyzr(normalized_cxcywh_to_xyxy(proposals.float(), sizes.float())).detach()
 
 
 def position_embedding(xyzr: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FFN", "StageOutput", "mlp_layers", "proposal_init", "proposals_to_pixels", "input_sizes"]
+__all__ = ["FFN", "StageOutput", "mlp_layers", "proposal_init", "input_sizes"]
 
 
 def mlp_layers(dim: int, num_layers: int, bias: bool) -> nn.Sequential:
@@ -128,10 +128,3 @@ def input_sizes(images: Tensor, image_sizes: Tensor | None) -> Tensor:
     return sizes
 
 
-def proposals_to_pixels(boxes: Tensor, sizes: Tensor) -> Tensor:
-    """Normalised (cx, cy, w, h) ``[N, 4]`` -> xyxy pixels ``[B, N, 4]`` for input sizes ``[B, 2]`` (h, w)
-    (mmdet ``EmbeddingRPNHead``: multiply by (W, H, W, H) of ``img_shape``). Keeps the gradient to ``boxes``."""
-    cx, cy, w, h = boxes.unbind(-1)
-    xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-    whwh = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=-1)
-    return xyxy.unsqueeze(0) * whwh.unsqueeze(1)

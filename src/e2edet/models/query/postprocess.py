@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchvision import ops as tv_ops
 
-from e2edet.models.dense.postprocess import _as_sizes
+from e2edet.ops.boxes import as_image_sizes, rescale_boxes
 
 __all__ = ["QUERY_SCORE_MODES", "QueryPostProcessor", "query_scores"]
 
@@ -104,8 +104,8 @@ class QueryPostProcessor:
         pred_boxes = outputs["pred_boxes"]
         if pred_boxes.shape != (batch, num_queries, 4):
             raise ValueError(f"pred_boxes must be [B, N, 4] = {(batch, num_queries, 4)}, got {tuple(pred_boxes.shape)}")
-        image_sizes = _as_sizes(image_sizes, batch, "image_sizes")
-        orig_sizes = _as_sizes(orig_sizes, batch, "orig_sizes")
+        image_sizes = as_image_sizes(image_sizes, batch, "image_sizes")
+        orig_sizes = as_image_sizes(orig_sizes, batch, "orig_sizes")
 
         total = num_queries * num_classes
         k = min(total, self.max_detections if nms_iou is None else max(self.max_detections, self.nms_candidates))
@@ -120,7 +120,6 @@ class QueryPostProcessor:
             if nms_iou is not None:
                 keep = tv_ops.batched_nms(img_boxes, img_scores, img_labels, float(nms_iou))[: self.max_detections]
                 img_boxes, img_scores, img_labels = img_boxes[keep], img_scores[keep], img_labels[keep]
-            (in_h, in_w), (orig_h, orig_w) = image_sizes[b].tolist(), orig_sizes[b].tolist()
-            factor = img_boxes.new_tensor([orig_w / in_w, orig_h / in_h, orig_w / in_w, orig_h / in_h])
-            results.append({"boxes": img_boxes * factor, "scores": img_scores, "labels": img_labels.to(torch.int64)})
+            img_boxes = rescale_boxes(img_boxes, image_sizes[b].tolist(), orig_sizes[b].tolist())
+            results.append({"boxes": img_boxes, "scores": img_scores, "labels": img_labels.to(torch.int64)})
         return results

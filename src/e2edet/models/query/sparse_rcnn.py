@@ -15,34 +15,11 @@ from torchvision.ops import FeaturePyramidNetwork, roi_align
 from torchvision.ops.poolers import LevelMapper
 
 from e2edet.models.backbone import build_backbone
-from e2edet.models.query.common import input_sizes, proposal_init as make_proposals, proposals_to_pixels
+from e2edet.models.query.common import input_sizes, proposal_init as make_proposals
 from e2edet.models.query.dynamic_conv import DIIStage
+from e2edet.ops.boxes import delta_xywh_decode, normalized_cxcywh_to_xyxy
 
-__all__ = ["SparseRCNN", "PyramidRoIAlign", "delta_xywh_decode", "MAX_LOG_RATIO"]
-
-MAX_LOG_RATIO = abs(math.log(16.0 / 1000.0))  # 4.135: mmdet ``delta2bbox`` wh_ratio_clip = 16 / 1000
-
-
-def delta_xywh_decode(boxes: Tensor, deltas: Tensor, stds: tuple[float, ...] = (0.5, 0.5, 1.0, 1.0),
-                      max_ratio: float = MAX_LOG_RATIO) -> Tensor:
-    """mmdet ``DeltaXYWHBBoxCoder.decode`` (means 0, ``clip_border=False``), spec ``query.md`` 1.2 "Box update".
-
-    ``(dx, dy, dw, dh) = deltas · stds``; ``dw, dh`` clamped to ``[-max_ratio, max_ratio]``; ``cx' = cx + w·dx``,
-    ``cy' = cy + h·dy``, ``w' = w·exp(dw)``, ``h' = h·exp(dh)`` with ``w = x2 - x1`` (no +1); no clipping.
-
-    Args:
-        boxes: ``[..., 4]`` xyxy pixels (the stage's input boxes). deltas: ``[..., 4]`` raw regression outputs.
-    Returns:
-        ``[..., 4]`` xyxy pixels, float32 (computed in float32 whatever the input dtypes).
-    """
-    boxes, deltas = boxes.float(), deltas.float() * deltas.new_tensor(stds, dtype=torch.float32)
-    w, h = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-    cx, cy = boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h
-    dx, dy = deltas[..., 0], deltas[..., 1]
-    dw, dh = deltas[..., 2].clamp(-max_ratio, max_ratio), deltas[..., 3].clamp(-max_ratio, max_ratio)
-    cx, cy, w, h = cx + w * dx, cy + h * dy, w * dw.exp(), h * dh.exp()
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-
+__all__ = ["SparseRCNN", "PyramidRoIAlign"]
 
 class PyramidRoIAlign(nn.Module):
     """RoIAlign on FPN levels with torchvision's level mapper (the pooling of ``torchvision.ops.MultiScaleRoIAlign``).
@@ -214,7 +191,7 @@ class SparseRCNN(nn.Module):
         sizes = self._check_inputs(images, image_sizes)
         features = list(self.fpn(self.backbone(images)).values())  # P2..P5
         batch = images.shape[0]
-        boxes = proposals_to_pixels(self.init_proposal_boxes.weight.float(), sizes)  # [B, N, 4], keeps the grad
+        boxes = normalized_cxcywh_to_xyxy(self.init_proposal_boxes.weight.float(), sizes)  # [B, N, 4], keeps the grad
         content = self.init_proposal_features.weight.unsqueeze(0).expand(batch, -1, -1)
         stages = []
         for stage in self.stages:

@@ -1,0 +1,5 @@
+"""Pure tensor operations shared by models, assigners and losses; this package imports nothing else from e2edet.
+
+- :mod:`e2edet.ops.boxes`: box transforms and coders (ltrb, DeltaXYWH, xyzr, normalised cxcywh, inverse sigmoid,
+  normalisation by image size, rescaling to the original image).
+"""
