@@ -29,21 +29,14 @@ from pathlib import Path
 
 import yaml
 
-from e2edet.config import DEVICE_FORMS, ConfigError, apply_overrides, load_config, to_dict
-
-
-def _load_recipe_or_file(spec: str):
-    from e2edet.recipes import get_recipe
-
-    if spec.endswith((".yaml", ".yml")) or Path(spec).is_file():
-        return load_config(spec)
-    return get_recipe(spec)
+from e2edet.config import DEVICE_FORMS, ConfigError, apply_overrides, to_dict
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from e2edet.recipes import load_recipe_or_file
     from e2edet.tasks import train
 
-    cfg = apply_overrides(_load_recipe_or_file(args.recipe), args.overrides)
+    cfg = apply_overrides(load_recipe_or_file(args.recipe), args.overrides)
     train(cfg, resume=args.resume, num_pictures=args.pictures, exist_ok=args.exist_ok)
     return 0
 

@@ -18,6 +18,8 @@ from typing import Any
 
 from e2edet.config import ConfigError
 from e2edet.engine.evaluator import save_results
+from e2edet.recipes import load_recipe_or_file
+from e2edet.utils.io import atomic_write_text
 
 #: (column title, key in a row, number format) of the comparison table, in order.
 COLUMNS = (
@@ -105,12 +107,10 @@ def compare(recipes: Sequence[str], overrides: Sequence[str], out_dir: str | Pat
         raise ConfigError("compare needs at least one recipe")
     if any(o.split("=", 1)[0].strip() in ("output", "output_dir", "name") for o in overrides):
         raise ConfigError("compare chooses each run's folder itself: drop output=/name= (use --out)")
-    from e2edet.cli import _load_recipe_or_file
-
     out_dir = Path(out_dir)
     rows = []
     for recipe in recipes:
-        name = _load_recipe_or_file(recipe).name  # validates the name before any training starts
+        name = load_recipe_or_file(recipe).name  # validates the name before any training starts
         run_dir = out_dir / "runs" / name
         if not (reuse and (run_dir / "summary.json").is_file()):
             cmd = [sys.executable, "-m", "e2edet", "train", recipe, *overrides, f"output={out_dir / 'runs'}",
@@ -125,7 +125,7 @@ def compare(recipes: Sequence[str], overrides: Sequence[str], out_dir: str | Pat
     table = format_table(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     header = f"# e2edet compare\n\nrecipes: {' '.join(recipes)}\noverrides: {' '.join(overrides) or '(none)'}\n\n"
-    _write(out_dir / "compare.md", header + table)
+    atomic_write_text(out_dir / "compare.md", header + table)
     save_results({"overrides": list(overrides), "rows": rows}, out_dir / "compare.json")
     curves = {f"{r['recipe']} ({r['post']})": {"ece": r["ece"], "reliability": r["reliability"]}
               for r in rows if r.get("reliability") and r.get("ece") is not None}
@@ -138,8 +138,3 @@ def compare(recipes: Sequence[str], overrides: Sequence[str], out_dir: str | Pat
     print(f"written: {out_dir / 'compare.md'}, {out_dir / 'compare.json'}")
     return rows
 
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from e2edet.utils.io import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid (unknown key, wrong type, bad choice)."""
@@ -291,12 +293,8 @@ def load_config(path: str | Path) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as YAML (atomically: temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    """Write ``cfg`` as YAML (atomically, :func:`e2edet.utils.io.atomic_write_text`)."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _all_keys() -> list[str]:

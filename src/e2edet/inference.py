@@ -6,8 +6,6 @@ FCOS does). Boxes are ``xyxy`` pixels of the original image.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -25,6 +23,7 @@ from e2edet.data.errors import DatasetError, dataset_error
 from e2edet.data.transforms import build_eval_transforms
 from e2edet.engine.checkpoint import load_model_weights, load_weights, resolve_weights_file
 from e2edet.engine.device import select_device
+from e2edet.utils.io import atomic_write_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -191,7 +190,5 @@ class Predictor:
             raise dataset_error(first, "image", f"{reason}; {some} unreadable, no detections written")
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path = out_dir / "detections.json"
-        tmp = json_path.with_name(json_path.name + ".tmp")
-        tmp.write_text(json.dumps(records, indent=1))
-        os.replace(tmp, json_path)
+        atomic_write_json(json_path, records, indent=1)
         return json_path

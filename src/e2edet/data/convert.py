@@ -7,20 +7,18 @@ so that callers have one place to import from.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 from e2edet.data.crowdhuman import odgt_to_coco
 from e2edet.data.voc import voc_to_coco
 from e2edet.data.yolo import read_class_names, yolo_to_coco
+from e2edet.utils.io import atomic_write_json
 
 __all__ = ["voc_to_coco", "yolo_to_coco", "odgt_to_coco", "read_class_names", "save_coco_json"]
 
 
 def save_coco_json(coco: dict, path: str | Path) -> Path:
-    """Write a COCO dict as JSON atomically (temporary file in the same folder, then ``os.replace``).
+    """Write a COCO dict as JSON atomically (:func:`e2edet.utils.io.atomic_write_json`).
 
     A crash or a full disk never leaves a half-written file at ``path``; parent folders are created.
 
@@ -31,16 +29,4 @@ def save_coco_json(coco: dict, path: str | Path) -> Path:
         TypeError: the dict holds values JSON cannot encode (e.g. tensors); ``path`` is left untouched.
         OSError: the folder is not writable.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(coco, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, coco)

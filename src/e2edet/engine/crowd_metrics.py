@@ -45,7 +45,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from e2edet.engine.evaluator import _as_coco
+from e2edet.engine.coco_utils import as_coco
 
 __all__ = [
     "CALTECH_FPPI_REFS", "OVERLAP_EPS", "box_overlaps", "clip_boxes", "match_image", "crowd_curves",
@@ -271,7 +271,7 @@ def crowd_metrics(
             evaluated categories; no images.
         FileNotFoundError / TypeError: ``coco_gt`` is a missing path or of another type.
     """
-    dataset = _as_coco(coco_gt).dataset
+    dataset = as_coco(coco_gt).dataset
     images = {int(img["id"]): (float(img["width"]), float(img["height"])) for img in dataset.get("images", [])}
     all_cats = [int(c["id"]) for c in dataset.get("categories", [])]
     cats = set(all_cats if cat_ids is None else (int(c) for c in cat_ids))

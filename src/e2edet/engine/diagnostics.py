@@ -17,7 +17,6 @@ exact TP criterion or bin count, so these are our choices, not theirs.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from e2edet.engine.evaluator import _as_coco
+from e2edet.engine.coco_utils import as_coco
+from e2edet.utils.io import atomic_open
 
 
 def _pairwise_inter(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -117,7 +117,7 @@ def match_detections(coco_gt: Any, detections: Sequence[Mapping[str, Any]], iou_
     """
     if not 0.0 < iou_thresh <= 1.0:
         raise ValueError(f"iou_thresh must be in (0, 1], got {iou_thresh}")
-    coco = _as_coco(coco_gt)
+    coco = as_coco(coco_gt)
     img, cat, boxes, score = _detection_arrays(detections, np.array(sorted(coco.getImgIds()), dtype=np.int64),
                                                np.array(sorted(coco.getCatIds()), dtype=np.int64))
     n = len(detections)
@@ -299,8 +299,6 @@ def plot_reliability(bins_by_model: Mapping[str, Mapping[str, Any]], path: str |
     bottom.grid(True, alpha=0.3)
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format="png")
     return out

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -12,11 +10,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from faster_coco_eval import COCO, COCOeval_faster
+from faster_coco_eval import COCOeval_faster
 from torch import nn
 from tqdm import tqdm
 
+from e2edet.engine.coco_utils import as_coco, quiet_print
+from e2edet.engine.crowd_metrics import crowd_metrics
+from e2edet.engine.diagnostics import diagnostics, plot_reliability
 from e2edet.utils.dist import get_world_size, is_dist, is_main_process
+from e2edet.utils.io import atomic_write_json
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 """Names of COCOeval's 12 ``stats`` entries, in order."""
@@ -26,23 +28,6 @@ TABLE_ROWS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 DIAGNOSTIC_ROWS = {"dup%": "duplicate_rate", "ECE": "ece"}
 CROWD_ROWS = {"mMR": "mMR", "recall": "recall"}
 """Table rows under :data:`TABLE_ROWS`: row name -> key of ``results["diagnostics"][column]``."""
-
-
-def _quiet(*args: Any, **kwargs: Any) -> None:
-    """Print function that discards faster-coco-eval's progress messages."""
-
-
-def _as_coco(coco_gt: Any) -> COCO:
-    """A :class:`faster_coco_eval.COCO` from a COCO object, a dataset dict, or a JSON path."""
-    if isinstance(coco_gt, COCO):
-        return coco_gt
-    if isinstance(coco_gt, Mapping):
-        return COCO(copy.deepcopy(dict(coco_gt)), print_function=_quiet)
-    if isinstance(coco_gt, (str, Path)):
-        if not Path(coco_gt).is_file():
-            raise FileNotFoundError(f"COCO annotation file {coco_gt} does not exist")
-        return COCO(str(coco_gt), print_function=_quiet)
-    raise TypeError(f"coco_gt must be a COCO object, a dict or a path, got {type(coco_gt).__name__}")
 
 
 class CocoEvaluator:
@@ -59,7 +44,7 @@ class CocoEvaluator:
     """
 
     def __init__(self, coco_gt: Any, label_to_cat_id: Sequence[int]) -> None:
-        self.coco_gt = _as_coco(coco_gt)
+        self.coco_gt = as_coco(coco_gt)
         self.label_to_cat_id = [int(c) for c in label_to_cat_id]
         unknown = sorted(set(self.label_to_cat_id) - set(self.coco_gt.getCatIds()))
         if unknown:
@@ -135,7 +120,7 @@ class CocoEvaluator:
         if not dets:
             return {name: 0.0 for name in METRIC_NAMES}
         coco_dt = self.coco_gt.loadRes(dets)
-        coco_eval = COCOeval_faster(self.coco_gt, coco_dt, iouType="bbox", print_function=_quiet)
+        coco_eval = COCOeval_faster(self.coco_gt, coco_dt, iouType="bbox", print_function=quiet_print)
         coco_eval.params.imgIds = self.image_ids or sorted(self._gt_image_ids)
         coco_eval.evaluate()
         coco_eval.accumulate()
@@ -182,9 +167,6 @@ def evaluate(
         data; ``None`` when the ground truth has no non-crowd box). Under DDP every rank returns the same numbers (computed from the
         detections gathered by the collective :meth:`CocoEvaluator.summarize`).
     """
-    from e2edet.engine.crowd_metrics import crowd_metrics  # both import this module
-    from e2edet.engine.diagnostics import diagnostics, plot_reliability
-
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -244,11 +226,5 @@ def format_results_table(results: Mapping[str, Any]) -> str:
 
 
 def save_results(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Write ``results`` as indented JSON atomically (temporary sibling, then rename); returns the path."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=lambda v: v.item() if hasattr(v, "item") else str(v))
-    os.replace(tmp, out)
-    return out
+    """Write ``results`` as indented JSON atomically (:func:`e2edet.utils.io.atomic_write_json`); returns the path."""
+    return atomic_write_json(path, results, indent=2, default=lambda v: v.item() if hasattr(v, "item") else str(v))

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from e2edet.utils.io import atomic_open, atomic_write_text
 
 
 def _plain(value: Any) -> Any:
@@ -67,9 +68,7 @@ class MetricsLogger:
         if not self.enabled or not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if not r.get("iteration", 0) > iteration]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_metrics(metrics_jsonl: str | Path) -> list[dict[str, Any]]:
@@ -171,7 +170,6 @@ def plot_losses(metrics_jsonl: str | Path, out_png: str | Path, metric: str = "n
         ax.legend(handles, labels, loc="upper right", fontsize="small")
     fig.tight_layout()
     out = Path(out_png)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, out)
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format="png")
     return out

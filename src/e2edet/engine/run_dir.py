@@ -23,7 +23,7 @@ LOCK_NAME = ".lock"
 
 #: What a training writes into its run folder (removed by :func:`clear_run`); anything else is left alone.
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "loss.png", "*reliability.png", "summary.json", "eval*.json",
-               "checkpoints", "predictions", ".metrics.jsonl.tmp")
+               "checkpoints", "predictions", ".metrics.jsonl*.tmp")
 
 
 def _holds_files(path: Path) -> bool:

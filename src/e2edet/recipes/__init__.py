@@ -1,47 +1,31 @@
 """Named, registered experiment presets.
 
 ``list_recipes()`` gives ``(name, description)`` pairs; ``get_recipe(name)`` returns a fresh
-:class:`e2edet.config.Config`. ``e2edet recipes`` prints them and ``e2edet recipes show NAME`` prints one as YAML.
+:class:`e2edet.config.Config`; ``load_recipe_or_file(spec)`` accepts a recipe name or a config YAML.
+``e2edet recipes`` prints them and ``e2edet recipes show NAME`` prints one as YAML.
+
+The registry lives in :mod:`e2edet.recipes.registry`; a recipe module imports ``register_recipe`` from there and is
+imported below, which registers its recipes.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
 
-from e2edet.config import Config, ConfigError, validate
+from e2edet.config import Config, load_config
+from e2edet.recipes import dense, query  # noqa: F401  (registers the dense and query recipes)
+from e2edet.recipes.registry import get_recipe, list_recipes, register_recipe
 
-_REGISTRY: dict[str, Callable[[], Config]] = {}
-
-
-def register_recipe(fn: Callable[[], Config]) -> Callable[[], Config]:
-    """Decorator: register a zero-argument function returning a :class:`Config` under ``cfg.name``.
-
-    Raises:
-        ValueError: two recipes with the same name.
-    """
-    name = fn().name
-    if name in _REGISTRY:
-        raise ValueError(f"recipe '{name}' is registered twice")
-    _REGISTRY[name] = fn
-    return fn
+__all__ = ["register_recipe", "list_recipes", "get_recipe", "load_recipe_or_file"]
 
 
-def list_recipes() -> list[tuple[str, str]]:
-    """All registered recipes as ``(name, description)``, in registration order."""
-    return [(name, fn().description) for name, fn in _REGISTRY.items()]
-
-
-def get_recipe(name: str) -> Config:
-    """A new, validated :class:`Config` of recipe ``name``.
+def load_recipe_or_file(spec: str) -> Config:
+    """The config named by ``spec``: a config YAML file (``.yaml``/``.yml`` or an existing file) or a recipe name.
 
     Raises:
-        ConfigError: unknown recipe name (the message lists the known ones).
+        ConfigError: an unknown recipe name, or an unreadable/invalid config file
+            (see :func:`e2edet.config.load_config` and :func:`get_recipe`).
     """
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown recipe '{name}'; known recipes: {', '.join(_REGISTRY)} (see `e2edet recipes`)")
-    cfg = _REGISTRY[name]()
-    validate(cfg, f"recipe {name}")
-    return cfg
-
-
-from e2edet.recipes import dense, query  # noqa: E402,F401  (registers the dense and query recipes)
+    if spec.endswith((".yaml", ".yml")) or Path(spec).is_file():
+        return load_config(spec)
+    return get_recipe(spec)

@@ -17,7 +17,7 @@ The ``*_mnv2_cpu`` recipes keep each method's assignment, head and loss exactly,
 from __future__ import annotations
 
 from e2edet.config import Config
-from e2edet.recipes import register_recipe
+from e2edet.recipes.registry import register_recipe
 
 #: The four DeFCN-paper variants plus the FCOS baseline: (name suffix, description, model/loss/test fields).
 VARIANTS = {

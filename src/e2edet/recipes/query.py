@@ -16,7 +16,7 @@ MobileNetV2), the query width (128), the FFN (512), the image size and the sched
 from __future__ import annotations
 
 from e2edet.config import Config
-from e2edet.recipes import register_recipe
+from e2edet.recipes.registry import register_recipe
 
 #: method -> (description, model fields, test fields, AdamW lr, weight decay) of the published configs.
 METHODS = {
