@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import signal
-import sys
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from e2edet.engine.evaluator import save_results
 from e2edet.engine.logger import MetricsLogger, is_loss_key, lookup, plot_losses
 from e2edet.engine.optim import build_optimizer, build_scheduler
 from e2edet.engine.rng import capture_rng_state, preserve_rng_state, restore_rng_state, seed_everything
+from e2edet.engine.signals import StopSignals, TrainingInterrupted
 from e2edet.utils.dist import get_rank, get_world_size, is_dist, is_main_process
 
 
@@ -50,16 +48,6 @@ def _hms(seconds: float) -> str:
     """Seconds as ``h:mm:ss``."""
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-class TrainingInterrupted(Exception):
-    """Training stopped on SIGINT (Ctrl-C) or SIGTERM after writing ``checkpoints/last`` of the current iteration.
-
-    ``str(exc)`` is the one-line message for the user (where the checkpoint is and how to resume); the command
-    line exits with :attr:`exit_code` (130, the shell's code for an interrupted command).
-    """
-
-    exit_code = 130
 
 
 def _first_non_finite(value: Any, prefix: str = "") -> str | None:
@@ -143,7 +131,8 @@ class Trainer:
         self.best: float | None = None
         self.last_eval: dict | None = None
         self.last_train: dict | None = None
-        self._stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler during fit()
+        self._signals = StopSignals(self._stop_notice)  # installed during fit()
+        self._stop_all = False  # a stop signal arrived on some rank (carried by each step's all-reduce)
         self._resumed = False
         self._saved: dict[str, int] = {}  # checkpoint tag -> iteration it was last written at
         self.checkpoint_every = int(getattr(cfg, "checkpoint_every", 0) or 0)
@@ -221,7 +210,7 @@ class Trainer:
         elif not self._resumed:
             seed_everything(int(self.cfg.seed) + get_rank())
         self.model.train()
-        with self._stop_on_signals():
+        with self._signals:
             while self.iteration < self.total_iters and (stop_epoch is None or self.epoch < stop_epoch):
                 start = self.iteration - self.epoch * self.iters_per_epoch  # > 0 when resumed mid-epoch
                 self._train_epoch(self.epoch, start)
@@ -234,32 +223,17 @@ class Trainer:
         return {"epoch": self.epoch, "iteration": self.iteration, "train": self.last_train,
                 "eval": self.last_eval, "best_metric": self.best, "run_dir": str(self.run_dir)}
 
-    @contextlib.contextmanager
-    def _stop_on_signals(self) -> Iterator[None]:
-        """Within the block, SIGINT/SIGTERM ask the loop to stop after the current iteration (a second one aborts)."""
-        self._stop_signal = None
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+    def _stop_notice(self, signum: int) -> str | None:
+        """The line printed on the first stop signal (main process only)."""
+        if not is_main_process():
+            return None
+        return (f"\ne2edet: {signal.Signals(signum).name} received: finishing the current step, then writing "
+                f"{self.run_dir / 'checkpoints' / 'last'} (again to abort without saving)")
 
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop_signal is not None:  # second signal: abort now, without a checkpoint
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            if is_main_process():
-                print(f"\ne2edet: {signal.Signals(signum).name} received: finishing the current step, then writing "
-                      f"{self.run_dir / 'checkpoints' / 'last'} (again to abort without saving)",
-                      file=sys.stderr, flush=True)
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for signum, old in previous.items():
-                signal.signal(signum, old)
-
-    def _stop_requested(self) -> bool:
-        """Whether a stop signal arrived (on any rank: the flag is all-reduced, so every rank stops together)."""
-        flag = self._stop_signal is not None
+    def _stop_agreed(self) -> bool:
+        """Whether a stop signal arrived on any rank (one all-reduce; called between epochs, where no training
+        step carried the flag)."""
+        flag = self._signals.requested is not None
         if is_dist():
             t = torch.tensor([float(flag)], device=self.device)
             dist.all_reduce(t)
@@ -269,7 +243,7 @@ class Trainer:
     def _check_stop(self) -> None:
         """On a pending stop signal: write ``checkpoints/last`` of the current iteration and raise
         :class:`TrainingInterrupted`."""
-        if not self._stop_requested() or self.iteration >= self.total_iters:  # a finished run just ends
+        if not self._stop_agreed() or self.iteration >= self.total_iters:  # a finished run just ends
             return
         if self._saved.get("last") != self.iteration:
             self.save("last")
@@ -332,7 +306,7 @@ class Trainer:
                 every = self.checkpoint_every
                 if every > 0 and self.iteration % every == 0 and i < num_iters - 1:
                     self.save("last")  # mid-epoch; the end of the epoch saves on its own (see _end_of_epoch)
-                if self._stop_requested():
+                if self._stop_all:
                     break
         finally:
             bar.close()
@@ -368,12 +342,15 @@ class Trainer:
         stat_keys = [k for k, v in loss_dict.items() if k not in loss_keys and (
             isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1))]
         names = ["total_loss", *loss_keys, *stat_keys]
+        pending = float(self._signals.requested is not None)  # rides on the same all-reduce: every rank stops together
         stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).detach().reshape(())
-                               for v in [loss, *(loss_dict[k] for k in loss_keys + stat_keys)]])
+                               for v in [loss, *(loss_dict[k] for k in loss_keys + stat_keys), pending]])
         if is_dist():
             dist.all_reduce(stacked)
             stacked /= get_world_size()
-        values = dict(zip(names, stacked.tolist()))
+        *reduced, stop = stacked.tolist()
+        self._stop_all = stop > 0
+        values = dict(zip(names, reduced))
         bad_losses = [k for k in [*loss_keys, "total_loss"] if not math.isfinite(values[k])]
         if bad_losses:
             shown = ", ".join(f"{k}={values[k]:.4g}" for k in bad_losses[:4])
@@ -389,27 +366,24 @@ class Trainer:
         return values
 
     def _clip_gradients(self, clip: float, epoch: int) -> float:
-        """Total L2 norm of the gradients, which must be finite; scales them to norm ``clip`` when it is above.
-
-        The scaling is ``torch.nn.utils.clip_grad_norm_``'s (factor ``clip / (norm + 1e-6)``, applied only when
-        below 1); the norm is computed first so that a NaN/inf gradient is found, and named, before anything is
-        scaled. Raises FloatingPointError naming the first parameter with a non-finite gradient.
+        """Total L2 norm of the gradients, which must be finite; scales them to norm ``clip`` when above (``clip``
+        > 0). The norm is taken first (``torch.nn.utils.get_total_norm``) so that a NaN/inf gradient is found, and
+        named, before ``clip_grads_with_norm_`` scales anything. Raises FloatingPointError naming the first parameter
+        with a non-finite gradient.
         """
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
             return 0.0
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach(), 2.0)
-                                                            for g in grads]), 2.0))
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = float(total)
         if not math.isfinite(norm):
             name = next((n for n, p in self.model.named_parameters()
                          if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "?")
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(self._non_finite_message(epoch, f"non-finite gradient (norm {norm}, first in "
                                                                      f"{name!r}) of finite losses"))
-        coef = clip / (norm + 1e-6)
-        if clip > 0 and coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
+        if clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, total)
         return norm
 
     def _non_finite_message(self, epoch: int, what: str) -> str:
