@@ -122,17 +122,18 @@ class ShardSampler(Sampler[int]):
 
 
 def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed Python's ``random`` and NumPy from the worker's torch seed; ignore SIGINT/SIGTERM.
+    """``worker_init_fn``: seed Python's ``random`` and NumPy from the worker's torch seed; ignore SIGINT.
 
     PyTorch seeds each worker's torch generator with ``base_seed + worker_id`` (``base_seed`` drawn from the
     loader's generator); this makes the other generators follow it (training samples are seeded one by one by
-    :class:`SeededSamples` anyway). SIGINT and SIGTERM are ignored in workers: a Ctrl-C in the terminal (or a
-    scheduler's SIGTERM) reaches the whole process group, and the main process decides what to do (the trainer
-    saves a checkpoint and stops; the loader then ends its workers).
+    :class:`SeededSamples` anyway). SIGINT is ignored in workers: a Ctrl-C in the terminal reaches the whole
+    process group, and the main process decides what to do (the trainer saves a checkpoint and stops). SIGTERM
+    gets its default action back (not the trainer's handler, which a forked worker inherits): the loader and
+    ``multiprocessing`` end workers with SIGTERM, and a worker that ignored it would hang the exit.
     """
     if torch.utils.data.get_worker_info() is not None:  # only in a loader worker process
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handler; the loader ends workers with it
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
