@@ -1,5 +1,6 @@
 """AdaMixer detector (CVPR 2022) and its D-RMM variant: backbone C2-C5 -> ``ChannelMapping`` -> fixed whole-image
-xyzr queries -> 6 ``AdaMixerStage``s -> per-stage predictions (``docs/architecture.md``).
+xyzr queries -> 6 ``AdaMixerStage``s (run in order by the shared ``stages.run_stages``) -> per-stage predictions
+(``docs/architecture.md``).
 
 Spec ``query.md`` section 2 (AdaMixer) and 3.10 (D-RMM on AdaMixer); reference behaviour ``MCG-NJU/AdaMixer``
 (``necks/identity_fpn.py``, ``dense_heads/query_generator.py``, ``roi_heads/adamixer_decoder.py``,
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 from e2edet.models.backbone import build_backbone
 from e2edet.models.query.adamixer_ops import (AdaptiveMixing, grid_offsets, initial_xyzr, iof_attn_bias,
                                               make_sample_points, position_embedding, sampling_3d)
-from e2edet.models.query.common import FFN, StageOutput, input_sizes, proposal_init as make_proposals
+from e2edet.models.query.common import FFN, StageOutput, proposal_init as make_proposals
+from e2edet.models.query.stages import QueryState, check_inputs, run_stages
 from e2edet.ops.boxes import refine_xyzr, xyzr_to_xyxy
 
 __all__ = ["AdaMixer", "AdaMixerStage", "ChannelMapping"]
@@ -211,21 +213,31 @@ class AdaMixer(nn.Module):
             ``pred_scales`` float32 ``[B, N, 4]`` > 0; plus the last stage's tensors at the top level.
 
         Raises:
-            ValueError: ``images`` not ``[B, 3, H, W]`` with H, W multiples of 32, or bad ``image_sizes``.
+            ValueError: ``images`` not ``[B, 3, H, W]`` with H, W multiples of 32, ``image_sizes`` not ``[B, 2]`` or
+                outside ``(0, H] x (0, W]`` (``stages.check_inputs``).
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-        if images.shape[-2] % 32 or images.shape[-1] % 32:
-            raise ValueError(f"image height and width must be multiples of 32 (pad the batch), got "
-                             f"{images.shape[-2]}x{images.shape[-1]}")
-        sizes = input_sizes(images, image_sizes)
+        sizes = check_inputs(images, image_sizes)
         features = self.neck(list(self.backbone(images).values()))
         weight = self.content.weight
         query = F.layer_norm(weight, weight.shape[-1:]).unsqueeze(0).expand(images.shape[0], -1, -1)
         xyzr = initial_xyzr(sizes, self.init_proposals)
-        stages = []
-        for stage in self.stages:
-            res = stage(query, xyzr, features, self.strides)
-            query, xyzr = res["content"], res["xyzr"].detach()
-            stages.append({k: res[k] for k in _CONTRACT_KEYS if k in res})
+        stages = run_stages(self.stages, self.stage_step, QueryState(query, xyzr), features)
         return {"stages": stages, **stages[-1]}
+
+    def stage_step(self, stage: AdaMixerStage, state: QueryState,
+                   features: list[Tensor]) -> tuple[QueryState, dict[str, Tensor]]:
+        """One AdaMixer stage (the ``stages.StageStep`` of this model; the body of the stage loop of
+        ``AdaMixerDecoder.forward_train`` / ``simple_test`` in ``mmdet/models/roi_heads/adamixer_decoder.py``).
+
+        Args:
+            stage: one of ``self.stages``. state: content ``[B', N, dim]`` and reference = the entering xyzr float32
+                ``[B', N, 4]``. features: ``ChannelMapping`` maps ``[B', dim, H_l, W_l]`` at ``self.strides``
+                (``B'`` = B, or G·B for G query sets batched by ``stages.stage_pass``).
+
+        Returns:
+            ``(QueryState(new content, refined xyzr, not detached), outputs)``; outputs: ``pred_logits``
+            ``[B', N, K]``, ``pred_boxes`` float32 ``[B', N, 4]`` xyxy pixels of the padded input (of the refined
+            xyzr), D-RMM also ``pred_fg`` ``[B', N]`` and ``pred_scales`` float32 ``[B', N, 4]``.
+        """
+        res = stage(state.content, state.reference, features, self.strides)
+        return QueryState(res["content"], res["xyzr"]), {k: res[k] for k in _CONTRACT_KEYS if k in res}

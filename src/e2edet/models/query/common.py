@@ -1,7 +1,8 @@
 """Pieces shared by the query-based detectors (Sparse R-CNN, AdaMixer, and D-RMM on both).
 
-Spec ``query.md`` "Design notes for one codebase": one stage loop, pluggable feature reader / interaction / box
-parameterisation, output heads of width K (sigmoid) or 1 + K and 8 (D-RMM), named proposal initialisers.
+Spec ``query.md`` "Design notes for one codebase": pluggable feature reader / interaction / box parameterisation,
+output heads of width K (sigmoid) or 1 + K and 8 (D-RMM), named proposal initialisers. The one stage loop and the
+input checks are in ``stages``.
 """
 
 from __future__ import annotations

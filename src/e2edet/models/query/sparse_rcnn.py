@@ -15,8 +15,9 @@ from torchvision.ops import FeaturePyramidNetwork, roi_align
 from torchvision.ops.poolers import LevelMapper
 
 from e2edet.models.backbone import build_backbone
-from e2edet.models.query.common import input_sizes, proposal_init as make_proposals
+from e2edet.models.query.common import proposal_init as make_proposals
 from e2edet.models.query.dynamic_conv import DIIStage
+from e2edet.models.query.stages import QueryState, check_inputs, run_stages
 from e2edet.ops.boxes import delta_xywh_decode, normalized_cxcywh_to_xyxy
 
 __all__ = ["SparseRCNN", "PyramidRoIAlign"]
@@ -95,7 +96,7 @@ class SparseRCNN(nn.Module):
     levels = mmdet FPN start_level 0, num_outs 4; xavier-uniform conv init as mmdet's FPN ``init_cfg``) ->
     learnable proposals (``init_proposal_boxes``: Embedding(N, 4) normalised cxcywh from ``common.proposal_init``;
     ``init_proposal_features``: Embedding(N, d), N(0, 1)) -> ``num_stages`` x [``PyramidRoIAlign`` 7x7 on the stage's
-    input boxes -> ``DIIStage`` -> box update].
+    input boxes -> ``DIIStage`` -> box update] (``stage_step``, run in order by the shared ``stages.run_stages``).
 
     Box update: Sparse R-CNN ``delta_xywh_decode`` against the stage's input box; D-RMM ``mu = roi + delta`` (plain
     additive pixel offset). The stage-0 input boxes are the proposals in pixels of the UNPADDED image size, not
@@ -154,21 +155,6 @@ class SparseRCNN(nn.Module):
                      stage_init)
             for _ in range(num_stages))
 
-    def _check_inputs(self, images: Tensor, image_sizes: Tensor | None) -> Tensor:
-        """Validate ``images`` / ``image_sizes``; return float32 ``[B, 2]`` (h, w) unpadded sizes."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-        h, w = int(images.shape[-2]), int(images.shape[-1])
-        if h % 32 != 0 or w % 32 != 0:
-            raise ValueError(f"image height and width must be multiples of 32 (pad the batch), got {h}x{w}")
-        sizes = input_sizes(images, image_sizes)
-        if image_sizes is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            bad = (sizes <= 0).any(dim=1) | (sizes[:, 0] > h) | (sizes[:, 1] > w)
-            if bool(bad.any()):
-                raise ValueError(f"image_sizes rows must be (h, w) with 0 < h <= {h} and 0 < w <= {w} (the padded "
-                                 f"input), got {sizes[bad].tolist()}")
-        return sizes
-
     def forward(self, images: Tensor, image_sizes: Tensor | None = None) -> dict:
         """Run the detector.
 
@@ -188,22 +174,38 @@ class SparseRCNN(nn.Module):
             ValueError: ``images`` not ``[B, 3, H, W]``, ``H``/``W`` not multiples of 32, ``image_sizes`` not
                 ``[B, 2]`` or outside ``(0, H] x (0, W]``.
         """
-        sizes = self._check_inputs(images, image_sizes)
+        sizes = check_inputs(images, image_sizes)
         features = list(self.fpn(self.backbone(images)).values())  # P2..P5
         batch = images.shape[0]
         boxes = normalized_cxcywh_to_xyxy(self.init_proposal_boxes.weight.float(), sizes)  # [B, N, 4], keeps the grad
         content = self.init_proposal_features.weight.unsqueeze(0).expand(batch, -1, -1)
-        stages = []
-        for stage in self.stages:
-            roi_feats = self.roi_pool(features, list(boxes.unbind(0)))
-            content, head = stage(content, roi_feats)
-            if self.drmm:
-                new_boxes = boxes + head["box_deltas"].float()
-            else:
-                new_boxes = delta_xywh_decode(boxes, head["box_deltas"])
-            out = {"pred_logits": head["pred_logits"], "pred_boxes": new_boxes}
-            if self.drmm:
-                out.update(pred_fg=head["pred_fg"], pred_scales=head["pred_scales"])
-            stages.append(out)
-            boxes = new_boxes.detach()
+        stages = run_stages(self.stages, self.stage_step, QueryState(content, boxes), features)
         return {"stages": stages, **stages[-1]}
+
+    def stage_step(self, stage: DIIStage, state: QueryState,
+                   features: list[Tensor]) -> tuple[QueryState, dict[str, Tensor]]:
+        """One Sparse R-CNN / D-RMM stage (the ``stages.StageStep`` of this model; mmdet ``SparseRoIHead._bbox_forward``
+        in ``mmdet/models/roi_heads/sparse_roi_head.py``): RoIAlign on the entering boxes -> ``DIIStage`` -> box update.
+
+        Args:
+            stage: one of ``self.stages``. state: content ``[B', N, d]`` and reference = the entering boxes float32
+                ``[B', N, 4]`` xyxy pixels of the padded input. features: P2..P5 ``[B', d, H_l, W_l]``
+                (``B'`` = B, or G·B for G query sets batched by ``stages.stage_pass``).
+
+        Returns:
+            ``(QueryState(new content, decoded boxes, not detached), outputs)``; outputs: ``pred_logits``
+            ``[B', N, K]``, ``pred_boxes`` float32 ``[B', N, 4]`` xyxy pixels (Sparse R-CNN: ``delta_xywh_decode``
+            against the entering box; D-RMM: entering box + pixel offset = mu), D-RMM also ``pred_fg`` ``[B', N]``
+            and ``pred_scales`` float32 ``[B', N, 4]``.
+        """
+        boxes = state.reference
+        roi_feats = self.roi_pool(features, list(boxes.unbind(0)))
+        content, head = stage(state.content, roi_feats)
+        if self.drmm:
+            new_boxes = boxes + head["box_deltas"].float()
+        else:
+            new_boxes = delta_xywh_decode(boxes, head["box_deltas"])
+        out = {"pred_logits": head["pred_logits"], "pred_boxes": new_boxes}
+        if self.drmm:
+            out.update(pred_fg=head["pred_fg"], pred_scales=head["pred_scales"])
+        return QueryState(content, new_boxes), out

@@ -1,0 +1,162 @@
+"""The one decoder-stage loop of the query detectors (Sparse R-CNN, AdaMixer, D-RMM on both).
+
+Spec ``query.md`` "Design notes for one codebase" (one stage loop; box states detached between stages, content not)
+and ``detr.md`` "Design notes for one codebase" (SQR as a wrapper over stage callables). Reference loops:
+mmdet 2.x ``SparseRoIHead.forward_train`` / ``simple_test`` (``mmdet/models/roi_heads/sparse_roi_head.py``:
+``object_feats`` carried on as they are, the next stage's proposals are ``detach_proposal_list``) and
+``MCG-NJU/AdaMixer`` ``AdaMixerDecoder.forward_train`` / ``simple_test``
+(``mmdet/models/roi_heads/adamixer_decoder.py``: ``query_content`` carried on, ``query_xyzr`` detached); D-RMM's
+``DRMMHead.forward_train`` (``mmdet/models/roi_heads/drmm_head.py``) is the same loop.
+
+Pieces:
+
+- ``QueryState(content, reference)``: the queries that enter a stage. ``content`` ``[B, N, d]`` (query features);
+  ``reference`` ``[B, N, 4]`` float32, the model's box state (Sparse R-CNN / D-RMM: xyxy pixels of the padded input;
+  AdaMixer: xyzr, ``ops.boxes.xyxy_to_xyzr``).
+- a **stage step** (``StageStep``), written once per model: ``step(stage, state, features) -> (next_state,
+  outputs)`` runs ONE stage (``stage``: the stage's module, i.e. its head too) on ``state``; ``next_state.reference``
+  is returned *not* detached (the loop detaches it); ``outputs`` is the stage's ``docs/architecture.md`` dict
+  (``pred_logits`` ``[B, N, K]``, ``pred_boxes`` float32 ``[B, N, 4]`` xyxy pixels of the padded input, D-RMM also
+  ``pred_fg`` ``[B, N]`` and ``pred_scales`` float32 ``[B, N, 4]``). ``features``: per-image tensors, batch first
+  (FPN / ChannelMapping maps ``[B, C, H_l, W_l]``); constants (strides, sizes of levels) are closed over by the step.
+  The step must treat the batch rows independently (attention within an image, per-image RoI/sampling), which makes
+  running several query sets concatenated along the batch exact.
+- ``stage_pass``: one stage on one or more query sets (batched, see below), each next reference detached.
+- ``run_stages``: the sequential chain ``S_{L-1}(... S_1(S_0(Q_0)))`` used by every query detector, returning the
+  per-stage output dicts (``outputs["stages"]``).
+- ``check_inputs``: the input checks of every query detector.
+
+Hook point for training-only query strategies (SQR, ``detr.md`` section 2; not implemented here): such a strategy
+replaces ``run_stages`` -- never the per-model step -- when ``model.training`` (switch on ``self.training``, not on
+``requires_grad``), so it is written once for all query detectors. SQR: keep a list ``R`` of ``QueryState`` starting
+with ``[queries]``; for stage ``s`` call ``stage_pass(step, stages[s], R[start[s]:end[s]], features)``: the sets are
+concatenated along the batch (set-major: set 0 images 0..B-1, set 1 ...), ``features`` repeated per set, run once
+and split back by the true batch size B; append the next states (content not detached, each set's own reference
+detached) to ``R`` and record each output with its (stage ``s``, set ``j``) explicitly. Each output is then predicted
+by the consuming stage's head (``stages[s]``) from the reference that entered it (the set's own). The last set of
+every stage is the sequential chain, i.e. what ``run_stages`` returns; at evaluation the strategy must fall back to
+``run_stages``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from e2edet.models.query.common import input_sizes
+
+__all__ = ["QueryState", "StageStep", "stage_pass", "run_stages", "check_inputs"]
+
+
+class QueryState(NamedTuple):
+    """Queries entering a stage: ``content`` ``[B, N, d]`` and ``reference`` ``[B, N, 4]`` float32 box state
+    (Sparse R-CNN: xyxy pixels of the padded input; AdaMixer: xyzr). Only stage 0's reference may carry a gradient
+    (Sparse R-CNN's learnable proposal boxes); the loop detaches every later one."""
+
+    content: Tensor
+    reference: Tensor
+
+
+class StageStep(Protocol):
+    """``step(stage, state, features) -> (next_state, outputs)``: one stage of one model (see the module docstring).
+
+    ``next_state.reference`` is not detached; ``outputs`` holds the stage's ``docs/architecture.md`` tensors, batch
+    first."""
+
+    def __call__(self, stage, state: QueryState,
+                 features: Sequence[Tensor]) -> tuple[QueryState, dict[str, Tensor]]: ...
+
+
+def stage_pass(step: StageStep, stage, sets: Sequence[QueryState],
+               features: Sequence[Tensor]) -> list[tuple[QueryState, dict[str, Tensor]]]:
+    """Run one stage on ``G = len(sets)`` query sets that share the images of ``features``.
+
+    One set: ``step`` called as is. Several sets (the SQR hook, see the module docstring): contents and references
+    concatenated along dim 0, set-major (``[G·B, N, ...]``: set 0 images 0..B-1, then set 1, ...), each feature
+    tensor repeated G times along dim 0, ``step`` called once, every output split back by the true batch size
+    ``B`` (the sets' batch, which ``features`` must share: never a hard-coded size, ``detr.md`` 2.9).
+
+    Args:
+        step: the model's stage step. stage: the consuming stage (module or any per-stage object ``step`` takes).
+        sets: ``QueryState`` per set, each ``[B, N, d]`` / ``[B, N, 4]``.
+        features: per-image tensors ``[B, ...]`` (batch first).
+
+    Returns:
+        per set, in order, ``(next_state, outputs)`` with ``next_state.reference`` **detached** (content not) and
+        ``outputs`` the stage's output dict for that set (tensors ``[B, ...]``).
+
+    Raises:
+        ValueError: no set, or (several sets) a set or feature whose batch differs from the first set's.
+    """
+    if len(sets) == 1:
+        state, out = step(stage, sets[0], features)
+        return [(QueryState(state.content, state.reference.detach()), out)]
+    if not sets:
+        raise ValueError("stage_pass needs at least one query set")
+    batch, groups = sets[0].content.shape[0], len(sets)
+    bad = [tuple(t.shape) for t in [*features, *(x for s in sets for x in s)] if t.shape[0] != batch]
+    if bad:
+        raise ValueError(f"stage_pass: every query set and feature must have the batch of {batch} images first, "
+                         f"got shapes {bad}")
+    joint = QueryState(torch.cat([s.content for s in sets]), torch.cat([s.reference for s in sets]))
+    repeated = [f.repeat(groups, *([1] * (f.dim() - 1))) for f in features]
+    state, out = step(stage, joint, repeated)
+    contents, references = state.content.split(batch), state.reference.detach().split(batch)
+    split = {k: v.split(batch) for k, v in out.items()}
+    return [(QueryState(contents[j], references[j]), {k: v[j] for k, v in split.items()}) for j in range(groups)]
+
+
+def run_stages(stages: Sequence, step: StageStep, queries: QueryState,
+               features: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+    """The sequential decoder-stage loop: ``queries`` through ``stages[0]``, ..., ``stages[-1]`` in order.
+
+    The content is carried on as it is (gradients flow back through every stage); the reference that enters stage
+    ``s > 0`` is stage ``s-1``'s new reference **detached**; stage 0's reference is used as given.
+
+    Args:
+        stages: the per-stage modules, stage 0 first (``model.stages``). step: the model's ``StageStep``.
+        queries: ``QueryState`` entering stage 0, ``[B, N, d]`` / ``[B, N, 4]``.
+        features: per-image tensors ``[B, ...]`` given to every stage.
+
+    Returns:
+        the per-stage output dicts, stage 0 first (``outputs["stages"]`` of ``docs/architecture.md``).
+
+    Raises:
+        ValueError: no stage.
+    """
+    if len(stages) == 0:
+        raise ValueError("run_stages needs at least one stage")
+    outputs = []
+    for stage in stages:
+        [(queries, out)] = stage_pass(step, stage, [queries], features)
+        outputs.append(out)
+    return outputs
+
+
+def check_inputs(images: Tensor, image_sizes: Tensor | None) -> Tensor:
+    """Validate a query detector's inputs; return float32 ``[B, 2]`` (h, w) unpadded sizes.
+
+    Args:
+        images: ``[B, 3, H, W]``, ``H`` and ``W`` multiples of 32 (padded batch).
+        image_sizes: ``[B, 2]`` (h, w) of the unpadded images with ``0 < h <= H``, ``0 < w <= W`` (the range is
+            not checked while tracing or compiling); None = the padded size for every image.
+
+    Raises:
+        ValueError: ``images`` not ``[B, 3, H, W]``, ``H``/``W`` not multiples of 32, ``image_sizes`` not ``[B, 2]``
+            (message names the rows) or outside ``(0, H] x (0, W]``.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+    h, w = int(images.shape[-2]), int(images.shape[-1])
+    if h % 32 != 0 or w % 32 != 0:
+        raise ValueError(f"image height and width must be multiples of 32 (pad the batch), got {h}x{w}")
+    sizes = input_sizes(images, image_sizes)
+    if image_sizes is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        bad = (sizes <= 0).any(dim=1) | (sizes[:, 0] > h) | (sizes[:, 1] > w)
+        if bool(bad.any()):
+            raise ValueError(f"image_sizes rows must be (h, w) with 0 < h <= {h} and 0 < w <= {w} (the padded "
+                             f"input), got {sizes[bad].tolist()}")
+    return sizes
