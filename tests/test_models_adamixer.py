@@ -305,6 +305,8 @@ def test_hparams_rebuild_and_errors():
         model(torch.randn(1, 3, 60, 96))
     with pytest.raises(ValueError, match="rows"):
         model(images, torch.tensor([[64, 96], [64, 96]]))
+    with pytest.raises(ValueError, match="image_sizes"):  # the shared check (stages.check_inputs)
+        model(images, torch.tensor([[64, 128]]))
     with pytest.raises(ValueError, match="hidden_dim"):
         _tiny(hidden_dim=36)
     with pytest.raises(ValueError, match="rows x cols grid"):
