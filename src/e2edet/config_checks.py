@@ -1,94 +1,79 @@
-"""Value checks of the configuration that types alone cannot express: the :class:`ConfigError` type, the numeric
-ranges of every key (:data:`RANGES`, :func:`check_ranges`) and the syntax of device settings (:func:`parse_device`).
+"""Building blocks of the typed configuration: the :class:`ConfigError` type, the pydantic base class of every config
+section (:class:`Section`), the number types, one-line error messages from pydantic errors
+(:func:`validation_message`) and the syntax of device settings (:func:`parse_device`).
 
-Used by :func:`e2edet.config.validate`; imports nothing from e2edet, so the config module and the engine can both
-build on it.
+Imports nothing from e2edet, so the config module, the architecture sections (:mod:`e2edet.archs`) and the engine can
+all build on it. Value ranges are pydantic field constraints (``Field(ge=1)``); :func:`field_range` reads them back
+for messages and documentation.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Any
+import typing
+from typing import Annotated, Any, Literal
 
-__all__ = ["ConfigError", "DEVICE_FORMS", "RANGES", "check_ranges", "parse_device"]
+import annotated_types
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
+
+__all__ = ["ConfigError", "DEVICE_FORMS", "Float", "Int", "Section", "field_range", "parse_device",
+           "validation_message"]
 
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid (unknown key, wrong type, bad choice)."""
 
 
-#: Numeric ranges checked by :func:`check_ranges` (called by :func:`e2edet.config.validate`): dotted key ->
-#: (low, high, low inclusive, high inclusive); ``None`` is unbounded. Tuple fields (``data.train_min_sizes``, ``train.steps``) are checked item by item. Every float
-#: must also be finite (no ``nan``/``inf``).
-RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
-    "data.train_min_sizes": (1, None, True, True),
-    "data.train_max_size": (1, None, True, True),
-    "data.test_min_size": (1, None, True, True),
-    "data.test_max_size": (1, None, True, True),
-    "data.flip_prob": (0, 1, True, True),
-    "model.freeze_at": (0, 5, True, True),
-    "model.fpn_channels": (1, None, True, True),
-    "model.num_convs": (0, None, True, True),
-    "model.ctr_convs": (0, None, True, True),
-    "model.ctr_channels": (1, None, True, True),
-    "model.num_queries": (1, None, True, True),
-    "model.num_stages": (1, None, True, True),
-    "model.num_heads": (1, None, True, True),
-    "model.dim_feedforward": (1, None, True, True),
-    "model.dynamic_dim": (1, None, True, True),
-    "model.num_groups": (1, None, True, True),
-    "model.in_points": (1, None, True, True),
-    "model.out_points": (1, None, True, True),
-    "model.dropout": (0, 1, True, False),
-    "model.num_classes": (0, None, True, True),
-    "loss.focal_alpha": (None, 1, True, True),  # alpha < 0 disables the alpha term
-    "loss.focal_gamma": (0, None, True, True),
-    "loss.reg_weight": (0, None, True, True),
-    "loss.poto_alpha": (0, 1, True, True),
-    "loss.center_radius": (0, None, False, True),
-    "loss.aux_topk": (1, None, True, True),
-    "loss.aux_weight": (0, None, True, True),
-    "loss.o2f_topk": (1, None, True, True),
-    "loss.soft_weight": (0, None, True, True),
-    "loss.max_soft_weight": (0, None, True, True),
-    "loss.max_t": (0, 1, True, True),
-    "loss.min_t": (0, 1, True, True),
-    "loss.o2f_neg_weight": (0, None, True, True),
-    "loss.cls_weight": (0, None, True, True),
-    "loss.l1_weight": (0, None, True, True),
-    "loss.giou_weight": (0, None, True, True),
-    "loss.min_scale_ratio": (0, None, True, True),
-    "loss.mm_weight": (0, None, True, True),
-    "loss.mcm_weight": (0, None, True, True),
-    "loss.prob_weight": (0, None, True, True),
-    "test.score_thresh": (0, 1, True, False),
-    "test.topk_candidates": (1, None, True, True),
-    "test.max_detections": (1, None, True, True),
-    "test.nms_iou": (0, 1, True, False),
-    "test.eval_nms_iou": (0, 1, False, True),
-    "train.epochs": (0, None, True, True),
-    "train.max_iters": (0, None, True, True),
-    "train.batch_size": (1, None, True, True),
-    "train.workers": (0, None, True, True),
-    "train.lr": (0, None, False, True),
-    "train.momentum": (0, 1, True, False),
-    "train.weight_decay": (0, None, True, True),
-    "train.weight_decay_norm": (0, None, True, True),
-    "train.steps": (0, 1, False, False),
-    "train.gamma": (0, None, False, True),
-    "train.warmup_iters": (0, None, True, True),
-    "train.warmup_factor": (0, 1, False, True),
-    "train.clip_grad_norm": (0, None, True, True),
-    "train.seed": (0, None, True, True),
-    "train.log_period": (1, None, True, True),
-    "train.eval_period": (0, None, True, True),
-    "train.checkpoint_period": (0, None, True, True),
-    "train.checkpoint_every": (0, None, True, True),
-}
+def _no_bool(value: Any) -> Any:
+    """YAML ``true`` is a bool, and pydantic's lax mode would read it as 1: refuse it for numbers."""
+    if isinstance(value, bool):
+        raise ValueError("bool_for_number")
+    return value
 
 
-def _range_text(low: float | None, high: float | None, low_inc: bool, high_inc: bool) -> str:
+#: An integer field: accepts ``6``, ``6.0`` and ``"6"``; refuses ``6.5`` and ``true``.
+Int = Annotated[int, BeforeValidator(_no_bool)]
+#: A float field: accepts ``1``, ``1e-3`` and ``"1e-3"`` (YAML 1.1 reads that as a string); refuses ``true``,
+#: ``nan`` and ``inf`` (every section has ``allow_inf_nan=False``).
+Float = Annotated[float, BeforeValidator(_no_bool)]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, floats must be finite, a number given for a text field
+    becomes text (``device: 0``). Assignment is not validated (recipes set fields one by one);
+    :func:`e2edet.config.validate` checks a whole config."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True,
+                              validate_default=False)
+
+
+def field_range(section: type[BaseModel], name: str) -> tuple[float | None, float | None, bool, bool] | None:
+    """``(low, high, low inclusive, high inclusive)`` of field ``name`` of ``section`` (the constraints of the field,
+    or of the items of a tuple field), ``None`` when it has none."""
+    info = section.model_fields[name]
+    metadata = list(info.metadata)
+    args = typing.get_args(info.annotation)
+    if typing.get_origin(info.annotation) is tuple and args:
+        inner = args[0]
+        for m in getattr(inner, "__metadata__", ()):
+            metadata += list(m.metadata) if isinstance(m, FieldInfo) else [m]
+    low = high = None
+    low_inc = high_inc = True
+    for m in metadata:
+        if isinstance(m, annotated_types.Ge):
+            low, low_inc = m.ge, True
+        elif isinstance(m, annotated_types.Gt):
+            low, low_inc = m.gt, False
+        elif isinstance(m, annotated_types.Le):
+            high, high_inc = m.le, True
+        elif isinstance(m, annotated_types.Lt):
+            high, high_inc = m.lt, False
+    if low is None and high is None:
+        return None
+    return low, high, low_inc, high_inc
+
+
+def range_text(low: float | None, high: float | None, low_inc: bool, high_inc: bool) -> str:
     """``> 0``, ``>= 1``, ``in [0, 1)``... for an error message."""
     if high is None:
         return f"{'>=' if low_inc else '>'} {low:g}"
@@ -97,25 +82,50 @@ def _range_text(low: float | None, high: float | None, low_inc: bool, high_inc: 
     return f"in {'[' if low_inc else '('}{low:g}, {high:g}{']' if high_inc else ')'}"
 
 
-def check_ranges(cfg: Any, source: str) -> None:
-    """Raise :class:`ConfigError` for the first non-finite float, or value outside :data:`RANGES`, of the sections
-    ``data``, ``model``, ``loss``, ``test``, ``train`` of ``cfg`` (an :class:`e2edet.config.Config`).
-    ``source`` (a file or "command line") starts the message."""
-    for section in ("data", "model", "loss", "test", "train"):
-        obj = getattr(cfg, section)
-        for f in dataclasses.fields(obj):
-            key, value = f"{section}.{f.name}", getattr(obj, f.name)
-            items = value if isinstance(value, tuple) else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in items):
-                raise ConfigError(f"{source}: {key} must be a finite number, got {value}")
-            if key not in RANGES or not all(isinstance(v, (int, float)) for v in items):
-                continue
-            low, high, low_inc, high_inc = RANGES[key]
-            for v in items:
-                if ((low is not None and (v < low if low_inc else v <= low))
-                        or (high is not None and (v > high if high_inc else v >= high))):
-                    raise ConfigError(f"{source}: {key} must be {_range_text(low, high, low_inc, high_inc)}, "
-                                      f"got {value}")
+def choices(section: type[BaseModel], name: str) -> tuple[Any, ...] | None:
+    """The accepted values of a ``Literal`` field, else ``None``."""
+    annotation = section.model_fields[name].annotation
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
+
+
+_TYPE_WORDS = {"int": "expects an integer", "float": "expects a number", "bool": "expects true/false",
+               "string": "expects text", "tuple": "expects a list", "list": "expects a list"}
+
+
+def validation_message(err: ValidationError, section: type[BaseModel], prefix: str, data: dict) -> str:
+    """One line for the first error of ``err``, raised while validating ``data`` as ``section`` (whose dotted name
+    is ``prefix``, e.g. ``model``): ``model.num_queries must be >= 1, got 0``, ``train.epochs expects an integer,
+    got 'abc'``, ``loss.assigner='x' is not one of fcos, poto``..."""
+    first = err.errors()[0]
+    loc = [p for p in first["loc"] if isinstance(p, str)]
+    name = loc[0] if loc else ""
+    key = f"{prefix}.{name}" if prefix and name else (prefix or name)
+    kind, value = first["type"], data.get(name, first.get("input"))
+    if kind == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    if kind == "literal_error" and name in section.model_fields:
+        return f"{key}={value!r} is not one of {', '.join(map(str, choices(section, name) or ()))}"
+    if kind == "too_short":
+        return f"{key} must list at least {first.get('ctx', {}).get('min_length', 1)} value(s), got {_show(value)}"
+    if kind == "finite_number":
+        return f"{key} must be a finite number, got {_show(value)}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and name in section.model_fields:
+        bounds = field_range(section, name)
+        if bounds is not None:
+            return f"{key} must be {range_text(*bounds)}, got {_show(value)}"
+    if kind == "value_error" and "bool_for_number" in first["msg"]:
+        annotation = section.model_fields[name].annotation if name in section.model_fields else int
+        word = "an integer" if int in (annotation, *typing.get_args(annotation)) else "a number"
+        return f"{key} expects {word}, got {value!r}"
+    for stem, words in _TYPE_WORDS.items():
+        if kind.startswith(stem):
+            return f"{key} {words}, got {first.get('input')!r}"
+    return f"{key}: {first['msg']}"
+
+
+def _show(value: Any) -> str:
+    """A value as the range messages print it (tuples as ``(0.5, 1.5)``)."""
+    return str(tuple(value)) if isinstance(value, list) else str(value)
 
 
 #: Device settings :func:`parse_device` accepts (the message of a bad one lists them).

@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from e2edet.config import ConfigError, parse_device
+from e2edet.config_checks import ConfigError, parse_device
 from e2edet.utils.dist import is_dist
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from e2edet.config import ConfigError
+from e2edet.config_checks import ConfigError
 
 LOCK_NAME = ".lock"
 

@@ -53,7 +53,8 @@ def _apply(cfg: Config, model: dict, loss: dict, test: dict) -> None:
 
 def _coco(variant: str) -> Config:
     desc, model, loss, test = VARIANTS[variant]
-    cfg = Config(name=f"{variant}_r50_3x_ms", description=f"{desc}. COCO R-50 FPN 3x ms (published config)")
+    cfg = Config.for_arch("dense", name=f"{variant}_r50_3x_ms",
+                          description=f"{desc}. COCO R-50 FPN 3x ms (published config)")
     cfg.data.dataset = ""
     cfg.data.train_min_sizes = (640, 672, 704, 736, 768, 800)
     cfg.model.backbone = "resnet50"
@@ -66,7 +67,8 @@ def _coco(variant: str) -> Config:
 
 def _cpu(variant: str) -> Config:
     desc, model, loss, test = VARIANTS[variant]
-    cfg = Config(name=f"{variant}_mnv2_cpu", description=f"{desc}. CPU-sized: MobileNetV2-FPN-128, ~400 px images")
+    cfg = Config.for_arch("dense", name=f"{variant}_mnv2_cpu",
+                          description=f"{desc}. CPU-sized: MobileNetV2-FPN-128, ~400 px images")
     cfg.data.dataset = "trees"
     cfg.data.train_min_sizes = (352, 384, 416, 448)
     cfg.data.train_max_size = 640
@@ -87,7 +89,7 @@ def _cpu(variant: str) -> Config:
 def _o2f(name: str) -> Config:
     """O2F published configs: ``r50_1x``, ``r50_3x_ms``, ``r101_1x``, ``r101_3x_ms``, ``r50_crowdhuman``."""
     desc, model, loss, test = VARIANTS["o2f"]
-    cfg = Config(name=f"o2f_{name}", description=f"{desc}. Published config {name} (specs/dense.md 3.6)")
+    cfg = Config.for_arch("dense", name=f"o2f_{name}", description=f"{desc}. Published config {name} (specs/dense.md 3.6)")
     cfg.data.dataset = ""
     cfg.model.backbone = "resnet101" if name.startswith("r101") else "resnet50"
     _apply(cfg, model, loss, test)

@@ -33,7 +33,7 @@ METHODS = {
 
 def _base(method: str, name: str, description: str) -> Config:
     desc, model, test, lr, wd = METHODS[method]
-    cfg = Config(name=name, description=f"{desc}. {description}")
+    cfg = Config.for_arch(model["arch"], name=name, description=f"{desc}. {description}")
     for section, values in (("model", model), ("test", test)):
         for key, value in values.items():
             setattr(getattr(cfg, section), key, value)
@@ -71,7 +71,10 @@ def _cpu(method: str) -> Config:
     cfg.data.test_min_size, cfg.data.test_max_size = 416, 640
     m = cfg.model
     m.backbone, m.fpn_channels, m.dim_feedforward, m.num_queries = "mobilenet_v2", 128, 512, 100
-    m.dynamic_dim, m.out_points = 32, 64
+    if m.arch == "sparse_rcnn":
+        m.dynamic_dim = 32
+    else:
+        m.out_points = 64
     # Sparse R-CNN's official init gives each query random dynamic filters and each stage a random box update that
     # a short schedule cannot undo (BCCD, 800 iterations: 0.9 AP, 37.4 with AdaMixer's zero inits; DIIStage
     # docstring). D-RMM + Sparse R-CNN keeps the official init: with the zero inits it fell from 39.5 to 15.4 AP.
