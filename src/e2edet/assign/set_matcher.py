@@ -228,7 +228,8 @@ class MatchRequest(NamedTuple):
         pred_boxes: ``[B, N, 4]`` in ``box_format``.
         targets: B dicts (``boxes`` xyxy pixels ``[G_b, 4]``, ``labels`` int64 ``[G_b]``, ``size`` ``(h, w)``).
         box_format: one of :data:`BOX_FORMATS`.
-        check_labels: validate the labels against ``K`` (one device sync); ask it for one request per step.
+        check_labels: validate the labels against ``K`` (one device sync; cost-matrix matchers only); ask it for
+            one request per step.
     """
 
     matcher: Any
