@@ -59,6 +59,8 @@ def bccd_subset(tmp_path_factory) -> Path:
 
 
 #: Overrides that shrink a CPU recipe to a model and image size a unit test can train in seconds.
-TINY = ["model.pretrained=false", "model.fpn_channels=32", "model.num_convs=1", "data.train_min_sizes=192",
-        "data.train_max_size=256", "data.test_min_size=192", "data.test_max_size=256", "batch=2", "workers=0",
-        "train.warmup_iters=2", "train.log_period=1"]
+#: Keys of every architecture; :data:`TINY` adds the dense head depth.
+TINY_COMMON = ["model.pretrained=false", "model.fpn_channels=32", "data.train_min_sizes=192", "data.train_max_size=256",
+               "data.test_min_size=192", "data.test_max_size=256", "batch=2", "workers=0", "train.warmup_iters=2",
+               "train.log_period=1"]
+TINY = [*TINY_COMMON, "model.num_convs=1"]

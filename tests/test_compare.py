@@ -8,10 +8,9 @@ import pytest
 from e2edet.cli import main
 from e2edet.compare import compare, format_table, row_from_run
 from e2edet.config import ConfigError
-from tests.conftest import TINY
+from tests.conftest import TINY_COMMON
 
-QUERY_TINY = ["model.num_queries=10", "model.num_stages=2", "model.dim_feedforward=64", "model.dynamic_dim=8",
-              "model.in_points=4", "model.out_points=8"]
+QUERY_TINY = ["model.num_queries=10", "model.num_stages=2", "model.dim_feedforward=64", "model.dynamic_dim=8"]
 
 
 def _summary(run_dir, ap, nms_iou=0.0):
@@ -59,7 +58,7 @@ def test_query_recipe_train_eval_export(bccd_subset, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     run = tmp_path / "runs"
     args = ["train", "drmm_sparse_rcnn_mnv2_cpu", f"data={bccd_subset}", "iters=2", f"output={run}", "--pictures", "1",
-            *TINY, *QUERY_TINY]
+            *TINY_COMMON, *QUERY_TINY]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "dup%" in out and "mMR" in out

@@ -2,8 +2,8 @@
 
 import pytest
 
-from e2edet.config import (Config, ConfigError, apply_overrides, from_dict, load_config, parse_device,
-                           ranges, save_config, to_dict)
+from e2edet.config import (Config, ConfigError, apply_overrides, from_dict, load_config, overrides_for_arch,
+                           parse_device, ranges, save_config, to_dict)
 from e2edet.recipes import get_recipe, list_recipes
 
 
@@ -218,3 +218,12 @@ def test_for_arch_and_unknown_sections():
         from_dict({"modle": {}})
     with pytest.raises(ConfigError, match="model must be a mapping"):
         from_dict({"model": 3})
+
+
+def test_overrides_for_arch_leave_out_keys_of_other_architectures():
+    over = ["data=bccd", "model.num_queries=10", "model.num_convs=1", "model.dynamic_dim=8", "loss.aux=true",
+            "model.arch=adamixer", "model.nope=1"]
+    assert overrides_for_arch(over, "dense") == ["data=bccd", "model.num_convs=1", "loss.aux=true",
+                                                 "model.arch=adamixer", "model.nope=1"]
+    assert overrides_for_arch(over, "sparse_rcnn") == ["data=bccd", "model.num_queries=10", "model.dynamic_dim=8",
+                                                       "model.arch=adamixer", "model.nope=1"]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from e2edet.config import ConfigError
+from e2edet.config import ConfigError, overrides_for_arch
 from e2edet.engine.evaluator import save_results
 from e2edet.recipes import load_recipe_or_file
 from e2edet.utils.io import atomic_write_text
@@ -97,7 +97,9 @@ def compare(recipes: Sequence[str], overrides: Sequence[str], out_dir: str | Pat
 
     Args:
         recipes: recipe names or config YAML files.
-        overrides: ``key=value`` items applied to every recipe (``data=bccd iters=300 seed=1``).
+        overrides: ``key=value`` items applied to every recipe (``data=bccd iters=300 seed=1``); a ``model.``/``loss.``
+            key of one architecture (``model.num_queries=50``) goes only to the recipes of the architectures that
+            have it (:func:`e2edet.config.overrides_for_arch`).
         out_dir: output folder; runs go to ``out_dir/runs/<name>``.
         reuse: keep a run whose ``summary.json`` already exists instead of training it again.
     Raises:
@@ -110,10 +112,11 @@ def compare(recipes: Sequence[str], overrides: Sequence[str], out_dir: str | Pat
     out_dir = Path(out_dir)
     rows = []
     for recipe in recipes:
-        name = load_recipe_or_file(recipe).name  # validates the name before any training starts
+        cfg = load_recipe_or_file(recipe)  # validates the name before any training starts
+        name, own = cfg.name, overrides_for_arch(overrides, cfg.model.arch)
         run_dir = out_dir / "runs" / name
         if not (reuse and (run_dir / "summary.json").is_file()):
-            cmd = [sys.executable, "-m", "e2edet", "train", recipe, *overrides, f"output={out_dir / 'runs'}",
+            cmd = [sys.executable, "-m", "e2edet", "train", recipe, *own, f"output={out_dir / 'runs'}",
                    "--pictures", "0", "--exist-ok"]
             print(f"\n=== {name}: {' '.join(cmd[2:])}", flush=True)
             (run_dir / "summary.json").unlink(missing_ok=True)

@@ -30,7 +30,7 @@ from e2edet.utils.io import atomic_write_text
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "TestConfig", "TrainConfig", "ALIASES", "DEVICE_FORMS", "apply_overrides",
-    "from_dict", "load_config", "parse_device", "ranges", "save_config", "section_types", "to_dict", "validate",
+    "from_dict", "load_config", "overrides_for_arch", "parse_device", "ranges", "save_config", "section_types", "to_dict", "validate",
 ]
 
 
@@ -373,6 +373,21 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise _unknown_key(key, arch, source)
         data[section][name] = _parse_value(cls, name, value, key, source)
     return from_dict(data, source)
+
+
+def overrides_for_arch(overrides: list[str] | tuple[str, ...], arch: str) -> list[str]:
+    """The items of ``overrides`` for a config of architecture ``arch``: a ``model.``/``loss.`` key that ``arch``
+    lacks but another architecture has is left out (``e2edet compare`` gives one list to recipes of several
+    architectures). Everything else is kept, so that :func:`apply_overrides` still reports unknown keys."""
+    kept = []
+    for item in overrides:
+        key = ALIASES.get(item.split("=", 1)[0].strip(), item.split("=", 1)[0].strip())
+        section, _, name = key.partition(".")
+        if section in ("model", "loss") and key != "model.arch" and name not in section_types(arch)[section].model_fields:
+            if any(name in section_types(a)[section].model_fields for a in ARCHITECTURES):
+                continue
+        kept.append(item)
+    return kept
 
 
 def ranges(arch: str | None = None) -> dict[str, tuple[float | None, float | None, bool, bool]]:
