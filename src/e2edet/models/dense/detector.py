@@ -41,8 +41,8 @@ class DenseDetector(nn.Module):
         norm: backbone norm (``None`` = FrozenBN when pretrained, BN otherwise).
 
     Attributes:
-        num_classes, strides (``[8, 16, 32, 64, 128]``), hparams (dict of the constructor arguments, for
-        ``DenseDetector(**hparams)`` reconstruction), backbone, fpn, head.
+        num_classes, strides (``[8, 16, 32, 64, 128]``), backbone, fpn, head. A trained model is rebuilt from the
+        config stored with its weights (:func:`e2edet.build.build_model`), not from the model.
     """
 
     def __init__(
@@ -61,20 +61,6 @@ class DenseDetector(nn.Module):
         ctr_channels: int = 64,
     ):
         super().__init__()
-        self.hparams = dict(
-            backbone_name=backbone_name,
-            num_classes=num_classes,
-            pretrained=pretrained,
-            fpn_channels=fpn_channels,
-            num_convs=num_convs,
-            centerness=centerness,
-            max_filter=max_filter,
-            max_filter_gn=max_filter_gn,
-            freeze_at=freeze_at,
-            norm=norm,
-            ctr_convs=ctr_convs,
-            ctr_channels=ctr_channels,
-        )
         self.num_classes = num_classes
         self.backbone = build_backbone(backbone_name, pretrained=pretrained, norm=norm, freeze_at=freeze_at)
         self.fpn = FPN(self.backbone.out_channels, fpn_channels)
