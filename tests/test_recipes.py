@@ -72,3 +72,14 @@ def test_query_recipes_stage_and_proposal_init():
             assert m.stage_init == ("adamixer" if cpu_set_loss else "official"), name
         if m.arch == "adamixer":
             assert m.proposal_init == ("grid" if m.drmm else ""), name
+
+
+def test_query_matching_costs_come_from_the_loss_section():
+    """``loss.cost_*`` reach the Hungarian matcher, ``loss.*_weight`` the losses (separately)."""
+    cfg = apply_overrides(get_recipe("sparse_rcnn_mnv2_cpu"), ["loss.cost_class=0.5", "loss.cost_l1=1",
+                                                               "loss.cost_giou=3", "loss.l1_weight=4"])
+    cfg.model.num_classes = 3
+    criterion = build_criterion(cfg)
+    matcher = criterion.sets[0].matcher
+    assert (matcher.cost_class, matcher.cost_l1, matcher.cost_giou) == (0.5, 1.0, 3.0)
+    assert (criterion.sets[0].cls_weight, criterion.sets[0].l1_weight, criterion.sets[0].giou_weight) == (2.0, 4.0, 2.0)

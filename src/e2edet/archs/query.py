@@ -85,13 +85,12 @@ def build_criterion(cfg):
 
         return DRMMCriterion(k, min_scale_ratio=loss.min_scale_ratio, mm_weight=loss.mm_weight,
                              mcm_weight=loss.mcm_weight, prob_weight=loss.prob_weight, coord_dist=loss.coord_dist)
-    from e2edet.assign.set_matcher import HungarianMatcher
     from e2edet.losses.set_criterion import SetCriterion
 
-    focal = dict(focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma)
-    matcher = HungarianMatcher(cost_class=loss.cost_class, cost_l1=loss.cost_l1, cost_giou=loss.cost_giou, **focal)
-    return SetCriterion(k, matcher, cls_weight=loss.cls_weight, l1_weight=loss.l1_weight,
-                        giou_weight=loss.giou_weight, **focal)
+    return SetCriterion.for_stages(k, cls_weight=loss.cls_weight, l1_weight=loss.l1_weight,
+                                   giou_weight=loss.giou_weight, cost_class=loss.cost_class, cost_l1=loss.cost_l1,
+                                   cost_giou=loss.cost_giou, focal_alpha=loss.focal_alpha,
+                                   focal_gamma=loss.focal_gamma)
 
 
 def build_postprocessor(cfg):
