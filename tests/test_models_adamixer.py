@@ -1,7 +1,6 @@
 """AdaMixer (and D-RMM + AdaMixer) model: operators, stage, init and the output contract (spec query.md 2.2, 2.8,
 2.9, 3.10; docs/architecture.md "Query model output")."""
 
-import inspect
 import math
 
 import pytest
@@ -290,17 +289,10 @@ def test_xyzr_detached_between_stages():
     assert model.stages[1].head.fc_reg.weight.grad.abs().sum() > 0
 
 
-def test_hparams_rebuild_and_errors():
+def test_input_and_width_errors():
     model = _tiny(drmm=True, backbone="mobilenet_v2", num_queries=6).eval()  # 2 x 3 grid proposals
-    assert set(model.hparams) == set(inspect.signature(AdaMixer).parameters)
     assert model.drmm and model.num_classes == 3 and model.strides == STRIDES
-    clone = AdaMixer(**model.hparams).eval()
-    clone.load_state_dict(model.state_dict())
     images = torch.randn(1, 3, H, W)
-    with torch.no_grad():
-        a, b = model(images), clone(images)
-    for key in ("pred_logits", "pred_boxes", "pred_fg", "pred_scales"):
-        torch.testing.assert_close(a[key], b[key])
     with pytest.raises(ValueError, match="multiples of 32"):
         model(torch.randn(1, 3, 60, 96))
     with pytest.raises(ValueError, match="rows"):

@@ -24,11 +24,13 @@ class AdaMixerModelSection(query.QueryModelSection):
 
 
 def check(cfg, source: str) -> None:
-    """The query checks, and the query width must split into ``num_groups``."""
+    """The query checks; the query width must split into ``num_groups`` and be a multiple of 8 (the sine position
+    embedding of the boxes)."""
     query.check(cfg, source)
-    if cfg.model.fpn_channels % cfg.model.num_groups:
-        raise ConfigError(f"{source}: model.fpn_channels={cfg.model.fpn_channels} must be divisible by "
-                          f"model.num_groups ({cfg.model.num_groups})")
+    m = cfg.model
+    if m.fpn_channels % m.num_groups or m.fpn_channels % 8:
+        raise ConfigError(f"{source}: model.fpn_channels={m.fpn_channels} must be divisible by model.num_groups "
+                          f"({m.num_groups}) and by 8 (AdaMixer's position embedding)")
 
 
 def build_model(cfg):

@@ -158,7 +158,7 @@ class AdaMixer(nn.Module):
             by ``adamixer_ops.initial_xyzr``); None = ``"whole"`` (AdaMixer) / ``"grid"`` (D-RMM + AdaMixer).
 
     Attributes:
-        num_classes, drmm, hparams (dict of all constructor arguments, ``AdaMixer(**hparams)`` rebuilds), strides
+        num_classes, drmm, strides
         (``[4, 8, 16, 32]``), backbone, neck (``ChannelMapping``), content (``Embedding(N, hidden_dim)``, default
         N(0, 1) init), stages (``ModuleList`` of ``AdaMixerStage``), init_proposals (``[N, 4]`` normalised
         (cx, cy, w, h) buffer of ``proposal_init``, not saved). The stage-0 xyzr is not a parameter.
@@ -173,11 +173,6 @@ class AdaMixer(nn.Module):
                  in_points: int = 32, out_points: int = 128, dropout: float = 0.0, drmm: bool = False,
                  proposal_init: str | None = None):
         super().__init__()
-        self.hparams = dict(backbone_name=backbone_name, num_classes=num_classes, pretrained=pretrained,
-                            freeze_at=freeze_at, norm=norm, hidden_dim=hidden_dim, num_queries=num_queries,
-                            num_stages=num_stages, num_heads=num_heads, dim_feedforward=dim_feedforward,
-                            num_groups=num_groups, in_points=in_points, out_points=out_points, dropout=dropout,
-                            drmm=drmm, proposal_init=proposal_init)
         if hidden_dim % 8 or hidden_dim % num_heads or hidden_dim % num_groups:
             raise ValueError(f"hidden_dim {hidden_dim} must be a multiple of 8 (position embedding), of num_heads "
                              f"{num_heads} and of num_groups {num_groups}")
@@ -185,7 +180,7 @@ class AdaMixer(nn.Module):
             raise ValueError("num_queries, num_stages, in_points and out_points must be >= 1")
         self.num_classes, self.drmm = num_classes, drmm
         self.proposal_init = proposal_init if proposal_init is not None else ("grid" if drmm else "whole")
-        # normalised (cx, cy, w, h) [N, 4]; not saved (derived from the hparams), raises for an unknown kind / N
+        # normalised (cx, cy, w, h) [N, 4]; not saved (derived from the constructor arguments), raises for an unknown kind / N
         self.register_buffer("init_proposals", make_proposals(self.proposal_init, num_queries), persistent=False)
         self.backbone = build_backbone(backbone_name, pretrained=pretrained, norm=norm, freeze_at=freeze_at,
                                        with_c2=True)

@@ -114,8 +114,7 @@ class SparseRCNN(nn.Module):
             ``DIIStage``).
 
     Attributes:
-        num_classes, drmm, hparams (the constructor arguments: ``SparseRCNN(**model.hparams)`` rebuilds the model),
-        strides (``[4, 8, 16, 32]``), backbone, fpn, roi_pool, init_proposal_boxes, init_proposal_features, stages.
+        num_classes, drmm, strides (``[4, 8, 16, 32]``), backbone, fpn, roi_pool, init_proposal_boxes, init_proposal_features, stages.
 
     Raises:
         ValueError: unknown backbone/norm/proposal init/stage init, a grid init whose N has no grid,
@@ -128,11 +127,6 @@ class SparseRCNN(nn.Module):
                  pooler_size: int = 7, dropout: float = 0.0, proposal_init: str | None = None, drmm: bool = False,
                  stage_init: str = "official"):
         super().__init__()
-        self.hparams = dict(backbone_name=backbone_name, num_classes=num_classes, pretrained=pretrained,
-                            freeze_at=freeze_at, norm=norm, hidden_dim=hidden_dim, num_queries=num_queries,
-                            num_stages=num_stages, num_heads=num_heads, dim_feedforward=dim_feedforward,
-                            dynamic_dim=dynamic_dim, pooler_size=pooler_size, dropout=dropout,
-                            proposal_init=proposal_init, drmm=drmm, stage_init=stage_init)
         if num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {num_stages}")
         self.num_classes, self.drmm, self.num_queries = num_classes, drmm, num_queries
