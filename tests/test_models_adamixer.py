@@ -297,7 +297,7 @@ def test_input_and_width_errors():
         model(torch.randn(1, 3, 60, 96))
     with pytest.raises(ValueError, match="rows"):
         model(images, torch.tensor([[64, 96], [64, 96]]))
-    with pytest.raises(ValueError, match="image_sizes"):  # the shared check (stages.check_inputs)
+    with pytest.raises(ValueError, match="image_sizes"):  # the shared check (models.inputs.check_inputs)
         model(images, torch.tensor([[64, 128]]))
     with pytest.raises(ValueError, match="hidden_dim"):
         _tiny(hidden_dim=36)

@@ -148,3 +148,12 @@ def test_detector_passes_o2f_centerness_convs():
     assert model.head.centerness.in_channels == 16
     out = model(torch.randn(1, 3, 64, 96))
     assert out["pred_ctr"].shape == (1, R)
+
+
+def test_image_sizes_are_checked_like_every_detector():
+    model = _tiny()
+    with pytest.raises(ValueError, match="rows"):
+        model(torch.randn(1, 3, 64, 96), torch.tensor([[64, 96], [64, 96]]))
+    with pytest.raises(ValueError, match="image_sizes rows must be"):
+        model(torch.randn(1, 3, 64, 96), torch.tensor([[64, 128]]))
+    assert model(torch.randn(1, 3, 64, 96), torch.tensor([[50, 90]]))["pred_logits"].shape[0] == 1

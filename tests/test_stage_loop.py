@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from e2edet.models.query import AdaMixer, SparseRCNN
-from e2edet.models.query.stages import QueryState, check_inputs, run_stages, stage_pass
+from e2edet.models.inputs import check_inputs
+from e2edet.models.query.stages import QueryState, run_stages, stage_pass
 from e2edet.ops.boxes import xyxy_to_xyzr
 
 D, N = 8, 3

@@ -14,6 +14,7 @@ from e2edet.ops.boxes import decode_ltrb
 from e2edet.models.dense.head import DenseHead
 from e2edet.models.dense.points import anchor_points
 from e2edet.models.fpn import FPN
+from e2edet.models.inputs import check_inputs
 
 __all__ = ["DenseDetector", "flatten_levels"]
 
@@ -98,7 +99,8 @@ class DenseDetector(nn.Module):
 
         Args:
             images: ``[B, 3, H, W]`` normalised RGB, ``H`` and ``W`` multiples of 32 (padded input).
-            image_sizes: unused (accepted so every detector has the same call, see ``docs/architecture.md``).
+            image_sizes: ``[B, 2]`` (h, w) of the unpadded inputs or None; only checked (every detector has the same
+                call, see ``docs/architecture.md``): a dense detector predicts at every anchor point.
 
         Returns:
             dict (``docs/architecture.md`` "Model output"), ``R`` = anchor points over P3..P7:
@@ -108,13 +110,10 @@ class DenseDetector(nn.Module):
             ``strides`` ``[R]`` float; ``levels`` ``[R]`` int64 (0 = P3); ``num_points_per_level`` ``list[int]``.
 
         Raises:
-            ValueError: when ``images`` is not ``[B, 3, H, W]`` or ``H``/``W`` is not a multiple of 32.
+            ValueError: ``images`` is not ``[B, 3, H, W]`` with ``H``/``W`` multiples of 32, or bad ``image_sizes``
+                (:func:`e2edet.models.inputs.check_inputs`).
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-        h, w = int(images.shape[-2]), int(images.shape[-1])
-        if h % 32 != 0 or w % 32 != 0:
-            raise ValueError(f"image height and width must be multiples of 32 (pad the batch), got {h}x{w}")
+        check_inputs(images, image_sizes)
         features = self.fpn(self.backbone(images))
         head_out = self.head(features)
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]

@@ -19,7 +19,8 @@ from e2edet.models.backbone import build_backbone
 from e2edet.models.query.adamixer_ops import (AdaptiveMixing, grid_offsets, initial_xyzr, iof_attn_bias,
                                               make_sample_points, position_embedding, sampling_3d)
 from e2edet.models.query.common import FFN, StageOutput, proposal_init as make_proposals
-from e2edet.models.query.stages import QueryState, check_inputs, run_stages
+from e2edet.models.inputs import check_inputs
+from e2edet.models.query.stages import QueryState, run_stages
 from e2edet.ops.boxes import refine_xyzr, xyzr_to_xyxy
 
 __all__ = ["AdaMixer", "AdaMixerStage", "ChannelMapping"]
@@ -209,7 +210,7 @@ class AdaMixer(nn.Module):
 
         Raises:
             ValueError: ``images`` not ``[B, 3, H, W]`` with H, W multiples of 32, ``image_sizes`` not ``[B, 2]`` or
-                outside ``(0, H] x (0, W]`` (``stages.check_inputs``).
+                outside ``(0, H] x (0, W]`` (``models.inputs.check_inputs``).
         """
         sizes = check_inputs(images, image_sizes)
         features = self.neck(list(self.backbone(images).values()))

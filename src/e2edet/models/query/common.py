@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FFN", "StageOutput", "mlp_layers", "proposal_init", "input_sizes"]
+__all__ = ["FFN", "StageOutput", "mlp_layers", "proposal_init"]
 
 
 def mlp_layers(dim: int, num_layers: int, bias: bool) -> nn.Sequential:
@@ -112,20 +112,3 @@ def proposal_init(kind: str, num: int) -> Tensor:
     cy, cx = torch.meshgrid((torch.arange(rows) + 0.5) / rows, (torch.arange(cols) + 0.5) / cols, indexing="ij")
     half = torch.full_like(cx, 0.5)
     return torch.stack([cx, cy, half, half], dim=-1).reshape(-1, 4)
-
-
-def input_sizes(images: Tensor, image_sizes: Tensor | None) -> Tensor:
-    """float32 ``[B, 2]`` (h, w) of the unpadded inputs; the padded size when ``image_sizes`` is None.
-
-    Raises:
-        ValueError: ``image_sizes`` is not ``[B, 2]``.
-    """
-    batch = images.shape[0]
-    if image_sizes is None:
-        return images.new_tensor([images.shape[-2], images.shape[-1]], dtype=torch.float32).repeat(batch, 1)
-    sizes = torch.as_tensor(image_sizes, device=images.device).to(torch.float32).reshape(-1, 2)
-    if sizes.shape[0] != batch:
-        raise ValueError(f"image_sizes has {sizes.shape[0]} rows for a batch of {batch} images")
-    return sizes
-
-

@@ -17,7 +17,8 @@ from torchvision.ops.poolers import LevelMapper
 from e2edet.models.backbone import build_backbone
 from e2edet.models.query.common import proposal_init as make_proposals
 from e2edet.models.query.dynamic_conv import DIIStage
-from e2edet.models.query.stages import QueryState, check_inputs, run_stages
+from e2edet.models.inputs import check_inputs
+from e2edet.models.query.stages import QueryState, run_stages
 from e2edet.ops.boxes import delta_xywh_decode, normalized_cxcywh_to_xyxy
 
 __all__ = ["SparseRCNN", "PyramidRoIAlign"]

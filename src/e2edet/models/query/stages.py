@@ -24,7 +24,7 @@ Pieces:
 - ``stage_pass``: one stage on one or more query sets (batched, see below), each next reference detached.
 - ``run_stages``: the sequential chain ``S_{L-1}(... S_1(S_0(Q_0)))`` used by every query detector, returning the
   per-stage output dicts (``outputs["stages"]``).
-- ``check_inputs``: the input checks of every query detector.
+- the input checks of every detector are :func:`e2edet.models.inputs.check_inputs`.
 
 Hook point for training-only query strategies (SQR, ``detr.md`` section 2; not implemented here): such a strategy
 replaces ``run_stages`` -- never the per-model step -- when ``model.training`` (switch on ``self.training``, not on
@@ -46,9 +46,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from e2edet.models.query.common import input_sizes
 
-__all__ = ["QueryState", "StageStep", "stage_pass", "run_stages", "check_inputs"]
+__all__ = ["QueryState", "StageStep", "stage_pass", "run_stages"]
 
 
 class QueryState(NamedTuple):
@@ -134,29 +133,3 @@ def run_stages(stages: Sequence, step: StageStep, queries: QueryState,
         [(queries, out)] = stage_pass(step, stage, [queries], features)
         outputs.append(out)
     return outputs
-
-
-def check_inputs(images: Tensor, image_sizes: Tensor | None) -> Tensor:
-    """Validate a query detector's inputs; return float32 ``[B, 2]`` (h, w) unpadded sizes.
-
-    Args:
-        images: ``[B, 3, H, W]``, ``H`` and ``W`` multiples of 32 (padded batch).
-        image_sizes: ``[B, 2]`` (h, w) of the unpadded images with ``0 < h <= H``, ``0 < w <= W`` (the range is
-            not checked while tracing or compiling); None = the padded size for every image.
-
-    Raises:
-        ValueError: ``images`` not ``[B, 3, H, W]``, ``H``/``W`` not multiples of 32, ``image_sizes`` not ``[B, 2]``
-            (message names the rows) or outside ``(0, H] x (0, W]``.
-    """
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-    h, w = int(images.shape[-2]), int(images.shape[-1])
-    if h % 32 != 0 or w % 32 != 0:
-        raise ValueError(f"image height and width must be multiples of 32 (pad the batch), got {h}x{w}")
-    sizes = input_sizes(images, image_sizes)
-    if image_sizes is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-        bad = (sizes <= 0).any(dim=1) | (sizes[:, 0] > h) | (sizes[:, 1] > w)
-        if bool(bad.any()):
-            raise ValueError(f"image_sizes rows must be (h, w) with 0 < h <= {h} and 0 < w <= {w} (the padded "
-                             f"input), got {sizes[bad].tolist()}")
-    return sizes
