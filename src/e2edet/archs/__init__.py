@@ -7,7 +7,7 @@ Adding an architecture: write ``e2edet/archs/<name>.py`` (its sections and build
 
 from __future__ import annotations
 
-from e2edet.archs import adamixer, dense, sparse_rcnn
+from e2edet.archs import adamixer, deformable_detr, dense, sparse_rcnn
 from e2edet.archs.base import Architecture, ModelSection
 
 __all__ = ["ARCHITECTURES", "Architecture", "ModelSection", "get_architecture"]
@@ -19,6 +19,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         dense.ARCH,
         sparse_rcnn.ARCH,
         adamixer.ARCH,
+        deformable_detr.ARCH,
     )
 }
 
