@@ -1,4 +1,4 @@
-"""Command line: ``e2edet train | eval | predict | export | compare | data | recipes``.
+"""Command line: ``e2edet train | eval | predict | export | compare | data | weights | recipes``.
 
 Examples::
 
@@ -17,6 +17,7 @@ Examples::
     e2edet data convert yolo images/ labels/ --classes names.txt --out train.json
     e2edet data convert crowdhuman annotation_val.odgt CrowdHuman_val/ --out val.json
     e2edet data check train.json --images images/
+    e2edet weights import r50_deformable_detr-checkpoint.pth --out runs/ddetr_coco --data coco.yaml
 """
 
 from __future__ import annotations
@@ -86,6 +87,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     rows = compare(args.recipes, args.overrides, args.out, reuse=args.reuse)
     return 1 if any(r.get("error") for r in rows) else 0
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from e2edet.weights_import import import_weights
+
+    out = import_weights(args.source, args.out, dataset=args.data, name=args.name)
+    print(f"wrote {out} (evaluate with `e2edet eval {out}" + ("" if args.data else " data=PATH") + "`)")
+    return 0
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
@@ -214,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("ann", help="COCO JSON file")
     k.add_argument("--images", help="image folder, to check that every file exists")
     d.set_defaults(func=_cmd_data)
+
+    w = sub.add_parser("weights", help="published weights: `weights import` a Deformable DETR checkpoint")
+    wsub = w.add_subparsers(dest="weights_cmd", required=True)
+    wi = wsub.add_parser("import", help="official Deformable-DETR/MS-DETR .pth or transformers folder -> run folder")
+    wi.add_argument("source", help="official .pth checkpoint, or a transformers checkpoint folder")
+    wi.add_argument("--out", required=True, help="run folder to write (checkpoints/best + config.yaml)")
+    wi.add_argument("--data", help="dataset whose categories (by id) the class logits are reduced to, e.g. coco.yaml")
+    wi.add_argument("--name", help="experiment name stored in the config (default: the source's file name)")
+    w.set_defaults(func=_cmd_weights)
 
     r = sub.add_parser("recipes", help="list recipes, or `recipes show NAME` to print one as YAML")
     r.add_argument("action", nargs="?", choices=["list", "show"], default="list")
