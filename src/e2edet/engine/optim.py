@@ -10,6 +10,10 @@ epoch-based and ``max_iters``-based runs share one code path. Iteration ``i`` (0
 * multistep: the factor is ``gamma ** n`` where ``n`` counts the milestones ``round(f * total_iters)`` (``f`` in
   ``cfg.steps``) that are ``<= i``;
 * cosine: the factor is ``0.5 * (1 + cos(pi * i / total_iters))``, reaching 0 at the end of training.
+
+A model may scale the learning rate of some parameters (``model.lr_multipliers``, see :func:`build_optimizer`):
+their groups train with ``cfg.lr * multiplier * lr_factor(i)``; :func:`lr_at` and :func:`base_lr` give the lr of
+multiplier 1.
 """
 
 from __future__ import annotations
@@ -41,46 +45,102 @@ def _is_norm(module: nn.Module) -> bool:
 NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 
 
+def _lr_multiplier(name: str, patterns: list[tuple[re.Pattern, float]]) -> float:
+    """The multiplier of the first pattern that ``re.search``-es ``name`` (1.0 when none does)."""
+    for pattern, mult in patterns:
+        if pattern.search(name):
+            return mult
+    return 1.0
+
+
+def _group_name(kind: str, mult: float) -> str:
+    """``"default"``/``"norm"`` for multiplier 1, else e.g. ``"default_x0.1"``, ``"norm_x0"``."""
+    return kind if mult == 1.0 else f"{kind}_x{mult:g}"
+
+
 def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     """Build SGD (with momentum) or AdamW over the trainable parameters of ``model``.
 
     Args:
         model: the (unwrapped) model. Only parameters with ``requires_grad=True`` are optimised; a parameter
-            shared by several modules is added once.
+            shared by several modules is added once. An optional attribute ``model.lr_multipliers``
+            (``{regex: multiplier}``, e.g. Deformable DETR's ``{"^backbone\\.": 0.1,
+            "reference_points|sampling_offsets": 0.1}``) gives each parameter the learning rate
+            ``cfg.lr * multiplier`` of the first regex that ``re.search``-es its qualified name in
+            ``model.named_parameters()`` (a shared parameter: its first name there); unmatched parameters keep
+            ``cfg.lr``. A multiplier of 0 keeps the parameter in a group whose lr stays 0.
         cfg: object with ``optimizer`` (``"sgd"`` or ``"adamw"``), ``lr``, ``momentum`` (SGD only),
             ``weight_decay`` and ``weight_decay_norm`` (applied to parameters owned by normalisation layers:
             BatchNorm, GroupNorm, LayerNorm, InstanceNorm; frozen BatchNorm has no parameters; and to Swin's
             position tables, :data:`NO_DECAY_NAMES`, as the Swin detection configs do: ``specs/dense.md`` 3.6).
     Returns:
-        The optimizer, with up to two parameter groups named ``"default"`` and ``"norm"`` (key ``"name"``).
+        The optimizer. Without ``lr_multipliers``: up to two parameter groups named ``"default"`` and ``"norm"``
+        (key ``"name"``). With them: one group per (weight-decay kind, multiplier) pair that has parameters, each
+        with its own ``lr`` and ``lr_mult``, named ``"default"``/``"norm"`` for multiplier 1 (listed first) and
+        ``"default_x0.1"``, ``"norm_x0.1"``, ... otherwise; :class:`LambdaLR` then scales every group's own base
+        lr, and :func:`base_lr` reads back the lr of multiplier 1.
     Raises:
-        ValueError: unknown optimizer name or a model without trainable parameters.
+        ValueError: unknown optimizer name, a model without trainable parameters, or a non-numeric or negative
+            multiplier / invalid regex in ``lr_multipliers``.
     """
+    raw = getattr(model, "lr_multipliers", None) or {}
+    patterns: list[tuple[re.Pattern, float]] = []
+    for regex, mult in dict(raw).items():
+        try:
+            pattern, value = re.compile(regex), float(mult)
+        except (re.error, TypeError, ValueError) as err:
+            raise ValueError(f"build_optimizer: bad lr_multipliers entry {regex!r}: {mult!r} ({err})") from err
+        if not value >= 0.0:
+            raise ValueError(f"build_optimizer: lr_multipliers[{regex!r}] = {mult!r} must be >= 0")
+        patterns.append((pattern, value))
+    names: dict[int, str] = {}
+    if patterns:
+        for qualified, param in model.named_parameters():  # deduplicated: a shared parameter's first name
+            names.setdefault(id(param), qualified)
     seen: set[int] = set()
-    default: list[nn.Parameter] = []
-    norm: list[nn.Parameter] = []
+    buckets: dict[tuple[str, float], list[nn.Parameter]] = {("default", 1.0): [], ("norm", 1.0): []}
     for module in model.modules():
         for pname, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            (norm if _is_norm(module) or pname in NO_DECAY_NAMES else default).append(param)
+            kind = "norm" if _is_norm(module) or pname in NO_DECAY_NAMES else "default"
+            mult = _lr_multiplier(names[id(param)], patterns) if patterns else 1.0
+            buckets.setdefault((kind, mult), []).append(param)
     if not seen:
         raise ValueError("build_optimizer: the model has no trainable parameters (all requires_grad=False)")
-    groups = [
-        {"params": params, "weight_decay": float(wd), "name": name}
-        for name, params, wd in (
-            ("default", default, cfg.weight_decay),
-            ("norm", norm, cfg.weight_decay_norm),
-        )
-        if params
-    ]
+    decay = {"default": float(cfg.weight_decay), "norm": float(cfg.weight_decay_norm)}
+    if not patterns:  # the plain groups, exactly as before multipliers existed
+        groups = [{"params": params, "weight_decay": decay[kind], "name": kind}
+                  for (kind, _), params in buckets.items() if params]
+    else:  # multiplier 1 first (see base_lr), then the others in order of first appearance, default before norm
+        mults = list(dict.fromkeys(mult for _, mult in buckets))  # 1.0 first (seeded above)
+        order = sorted(buckets, key=lambda key: (mults.index(key[1]), key[0] != "default"))
+        groups = [{"params": buckets[kind, mult], "weight_decay": decay[kind], "name": _group_name(kind, mult),
+                   "lr": float(cfg.lr) * mult, "lr_mult": mult}
+                  for kind, mult in order if buckets[kind, mult]]
     name = str(cfg.optimizer).lower()
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected 'sgd' or 'adamw'")
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The current learning rate of multiplier 1 (``cfg.lr`` times the schedule factor), for logging.
+
+    Groups from :func:`build_optimizer` without ``lr_mult`` have multiplier 1. When no group has multiplier 1, the
+    first group with a non-zero multiplier is divided by it; when all multipliers are 0, 0.0.
+    """
+    groups = optimizer.param_groups
+    for group in groups:
+        if group.get("lr_mult", 1.0) == 1.0:
+            return float(group["lr"])
+    for group in groups:
+        if group["lr_mult"]:
+            return float(group["lr"]) / float(group["lr_mult"])
+    return 0.0
 
 
 class LrFactor:
@@ -159,5 +219,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_iters: int
 
 
 def lr_at(cfg: Any, total_iters: int, iteration: int) -> float:
-    """Learning rate (same unit as ``cfg.lr``) used at 0-based ``iteration`` of a ``total_iters`` run."""
+    """Learning rate (same unit as ``cfg.lr``) used at 0-based ``iteration`` of a ``total_iters`` run (groups with
+    an lr multiplier use it times their multiplier)."""
     return float(cfg.lr) * lr_factor_from_config(cfg, total_iters)(iteration)

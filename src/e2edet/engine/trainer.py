@@ -20,7 +20,7 @@ from e2edet.engine.checkpoint import load_checkpoint, save_checkpoint
 from e2edet.engine.device import init_distributed
 from e2edet.engine.evaluator import save_results
 from e2edet.engine.logger import MetricsLogger, is_loss_key, lookup, plot_losses
-from e2edet.engine.optim import build_optimizer, build_scheduler
+from e2edet.engine.optim import base_lr, build_optimizer, build_scheduler
 from e2edet.engine.rng import capture_rng_state, preserve_rng_state, restore_rng_state, seed_everything
 from e2edet.engine.signals import StopSignals, TrainingInterrupted
 from e2edet.utils.dist import get_rank, get_world_size, is_dist, is_main_process
@@ -283,7 +283,7 @@ class Trainer:
                 if i >= num_iters:
                     break
                 data_time = time.perf_counter() - end
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = base_lr(self.optimizer)  # cfg.lr x schedule (groups may carry lr multipliers)
                 values = self.train_step(images, targets, epoch)
                 self.iteration += 1
                 step_time = time.perf_counter() - end
