@@ -23,6 +23,8 @@ SHRINK = {
     "sparse_rcnn": ["backbone=resnet18", "model.fpn_channels=64", "model.num_queries=20", "model.dim_feedforward=128",
                     "model.dynamic_dim=16"],
     "adamixer": ["backbone=resnet18", "model.fpn_channels=64", "model.num_queries=20", "model.dim_feedforward=128"],
+    "deformable_detr": ["backbone=resnet18", "model.fpn_channels=64", "model.num_queries=20",
+                        "model.dim_feedforward=128", "model.enc_layers=2", "model.dec_layers=2"],
 }
 
 
@@ -83,3 +85,30 @@ def test_query_matching_costs_come_from_the_loss_section():
     matcher = criterion.sets[0].matcher
     assert (matcher.cost_class, matcher.cost_l1, matcher.cost_giou) == (0.5, 1.0, 3.0)
     assert (criterion.sets[0].cls_weight, criterion.sets[0].l1_weight, criterion.sets[0].giou_weight) == (2.0, 4.0, 2.0)
+
+
+def test_deformable_detr_recipes_follow_the_published_settings():
+    """specs/detr.md 1.6: AdamW 2e-4 (backbone and offset/reference projections x0.1), clip 0.1, no warm-up, lr drop
+    at epoch 40 of 50 (H-DETR's 12-epoch baselines: at 11), 300 queries, top-100 sigmoid scores without NMS."""
+    variants = {"deformable_detr_r50_50e": (50, 1024, 0.1, False, False, False),
+                "deformable_detr_refine_r50_50e": (50, 1024, 0.1, True, False, False),
+                "deformable_detr_two_stage_r50_50e": (50, 1024, 0.1, True, True, False),
+                "deformable_detr_two_stage_ffn2048_r50_12e": (12, 2048, 0.1, True, True, False),
+                "deformable_detr_pp_r50_12e": (12, 2048, 0.0, True, True, True)}
+    for name, (epochs, ffn, dropout, refine, two_stage, tricks) in variants.items():
+        cfg = get_recipe(name)
+        m, t, d = cfg.model, cfg.train, cfg.data
+        assert (m.backbone, m.fpn_channels, m.num_queries, m.enc_layers, m.dec_layers) == ("resnet50", 256, 300, 6, 6)
+        assert (m.dim_feedforward, m.dropout, m.with_box_refine, m.two_stage) == (ffn, dropout, refine, two_stage)
+        assert m.mixed_selection == m.look_forward_twice == tricks
+        assert (m.lr_backbone_mult, m.lr_linear_proj_mult) == (0.1, 0.1)
+        assert (t.optimizer, t.lr, t.weight_decay, t.clip_grad_norm, t.warmup_iters) == ("adamw", 2e-4, 1e-4, 0.1, 0)
+        assert t.epochs == epochs and [round(s * epochs) for s in t.steps] == [40 if epochs == 50 else 11]
+        assert t.batch_size == 2 and t.eval_period == 0 and d.dataset == "" and d.crop
+        assert d.train_min_sizes == tuple(range(480, 801, 32)) and (d.train_max_size, d.test_min_size) == (1333, 800)
+        assert (cfg.test.score, cfg.test.max_detections, cfg.test.nms_iou) == ("cls", 100, 0.0)
+    for name in ("deformable_detr_mnv2_cpu", "deformable_detr_refine_mnv2_cpu", "deformable_detr_two_stage_mnv2_cpu",
+                 "deformable_detr_pp_mnv2_cpu"):
+        m = get_recipe(name).model
+        assert (m.backbone, m.fpn_channels, m.num_queries, m.enc_layers, m.dec_layers) == ("mobilenet_v2", 128, 100, 3, 6)
+        assert m.dim_feedforward == (1024 if "_pp_" in name else 512)

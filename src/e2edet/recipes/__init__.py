@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from e2edet.config import Config, load_config
-from e2edet.recipes import dense, query  # noqa: F401  (registers the dense and query recipes)
+from e2edet.recipes import dense, detr, query  # noqa: F401  (registers the dense, query and DETR recipes)
 from e2edet.recipes.registry import get_recipe, list_recipes, register_recipe
 
 __all__ = ["register_recipe", "list_recipes", "get_recipe", "load_recipe_or_file"]
