@@ -24,7 +24,8 @@ from e2edet.models.query.postprocess import query_scores
 from e2edet.utils import error_text
 
 
-#: Score modes whose top-k is the final output (no NMS): POTO, DeFCN, O2F, Sparse R-CNN / AdaMixer, D-RMM.
+#: Score modes whose top-k is the final output (no NMS): POTO, DeFCN, O2F, Sparse R-CNN / AdaMixer, D-RMM, Deformable
+#: DETR (its deformable attention exports as ``GridSample``, opset >= 16).
 END_TO_END_SCORES = ("cls", "cls_filter", "cls_ctr", "drmm")
 
 #: Largest export side in pixels (a guard against typos such as 41600x576 that would exhaust memory).
@@ -203,7 +204,7 @@ class EndToEndDetector(nn.Module):
     """Detector + top-k post-processing as one traceable module (see the module docstring for shapes).
 
     Args:
-        model: a detector obeying the model contract (``docs/architecture.md``): dense or query-based.
+        model: a detector obeying the model contract (``docs/architecture.md``): dense, query-based or DETR.
         score: ``cls`` (sigmoid of the logits), ``cls_filter`` (times sigmoid of the 3DMF filter logit), ``cls_ctr``
             (O2F: times sigmoid of the centerness logit) or ``drmm`` (D-RMM: softmax of the class logits times
             sigmoid of the foreground logit).
@@ -245,7 +246,7 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
     """
     if cfg.test.nms_iou > 0:
         raise ExportError(f"{cfg.name} is evaluated with NMS (test.nms_iou={cfg.test.nms_iou}); export an end-to-end "
-                          "recipe (poto, poto_3dmf, defcn, o2f, sparse_rcnn, adamixer, drmm_*)")
+                          "recipe (poto, poto_3dmf, defcn, o2f, sparse_rcnn, adamixer, drmm_*, deformable_detr*)")
     check_size(height, width)
     ort = _import_onnxruntime()
 
