@@ -24,6 +24,9 @@ TINY = {
     "adamixer": ("adamixer_mnv2_cpu", ["model.fpn_channels=16", "model.num_queries=6", "model.num_stages=2",
                                        "model.num_heads=2", "model.dim_feedforward=32", "model.in_points=4",
                                        "model.out_points=8", "model.num_groups=2"]),
+    "deformable_detr": ("deformable_detr_pp_mnv2_cpu", ["model.fpn_channels=64", "model.num_queries=20",
+                                                        "model.enc_layers=1", "model.dec_layers=2",
+                                                        "model.num_heads=4", "model.dim_feedforward=64"]),
 }
 
 

@@ -158,7 +158,7 @@ def test_bad_device_strings_name_the_key(spec, message):
 
 def test_a_key_of_another_architecture_names_where_it_belongs(tmp_path):
     with pytest.raises(ConfigError, match=r"^command line: model.num_queries belongs to model.arch=sparse_rcnn or "
-                                          r"adamixer, not to model.arch=dense"):
+                                          r"adamixer or deformable_detr, not to model.arch=dense"):
         apply_overrides(get_recipe("defcn_mnv2_cpu"), ["model.num_queries=50"])
     with pytest.raises(ConfigError, match="loss.assigner belongs to model.arch=dense, not to model.arch=adamixer"):
         apply_overrides(get_recipe("adamixer_mnv2_cpu"), ["loss.assigner=o2f"])
@@ -170,7 +170,8 @@ def test_a_key_of_another_architecture_names_where_it_belongs(tmp_path):
     (tmp_path / "c.yaml").write_text(__import__("yaml").safe_dump(data))
     with pytest.raises(ConfigError, match=r"c.yaml: model.dynamic_dim belongs to model.arch=sparse_rcnn"):
         load_config(tmp_path / "c.yaml")
-    with pytest.raises(ConfigError, match=r"model.arch='detr' is not one of dense, sparse_rcnn, adamixer"):
+    with pytest.raises(ConfigError, match=r"model.arch='detr' is not one of dense, sparse_rcnn, adamixer, "
+                                          r"deformable_detr"):
         apply_overrides(Config(), ["model.arch=detr"])
 
 
