@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from e2edet.archs import ARCHITECTURES, ModelSection
+from e2edet.archs import ARCHITECTURES
 from e2edet.config_checks import (DEVICE_FORMS, ConfigError, Float, Int, Section, choices, field_range, parse_device,
                                   validation_message)
 from e2edet.utils.io import atomic_write_text
@@ -422,6 +422,3 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: model.num_classes={m.num_classes} but model.class_names lists "
                           f"{len(m.class_names)} names")
     ARCHITECTURES[m.arch].check(cfg, source)
-
-
-assert issubclass(ARCHITECTURES["dense"].model_section, ModelSection)
