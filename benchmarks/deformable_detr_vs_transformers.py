@@ -5,7 +5,9 @@
         [--width 256] [--layers 6] [--queries 300] [--threads 2]
 
 transformers' model (random weights, its own ResNet-50 backbone config: no download) is converted to e2edet with
-``e2edet.models.detr.convert.from_transformers``, so both compute the same function (checked before timing). The
+``e2edet.models.detr.convert.from_transformers``, so both compute the same function (checked before timing); both
+backbones use frozen BatchNorm and train layer2-layer4, as the published models do (transformers' model is built
+with its backbone frozen; its last three stages are unfrozen here, so both train the same parameters). The
 input is a padded batch of random images; one training step = forward + the model's Hungarian set loss on the same
 targets (transformers: its own ``loss_function`` with labels; e2edet: the ``deformable_detr`` criterion) + backward
 + an AdamW step. Reported: median seconds over ``--iters`` after one warm-up, and e2edet / transformers. The
@@ -62,9 +64,12 @@ def main() -> None:
         auxiliary_loss=True, **kw)
     torch.manual_seed(0)
     hf = transformers.DeformableDetrForObjectDetection(config)
-    ours = DeformableDETR("resnet50", num_classes=3, pretrained=False, hidden_dim=args.width,
+    ours = DeformableDETR("resnet50", num_classes=3, pretrained=False, norm="FrozenBN", hidden_dim=args.width,
                           num_queries=args.queries, enc_layers=args.layers, dec_layers=args.layers, **kw)
     ours.load_state_dict(from_transformers(hf.state_dict()), strict=False)
+    for name, param in hf.named_parameters():  # train the same backbone stages as the official recipe (layer2-4)
+        if ".backbone." in name and any(f"stages.{i}." in name for i in (1, 2, 3)):
+            param.requires_grad_(True)
     cfg = apply_overrides(Config.for_arch("deformable_detr"), ["model.num_classes=3", f"model.fpn_channels={args.width}",
                                                                f"model.dec_layers={args.layers}"]
                           + [f"model.{k}=true" for k in kw])
@@ -83,7 +88,9 @@ def main() -> None:
         m.eval()
     with torch.no_grad():
         diff = (hf(pixel_values=images, pixel_mask=mask).logits - ours(images, sizes)["pred_logits"]).abs().max()
-    print(f"check: max |logits difference| = {float(diff):.2e} (same function)")
+    print(f"check: max |logits difference| = {float(diff):.2e} (same function); trainable parameters: e2edet "
+          f"{sum(q.numel() for q in ours.parameters() if q.requires_grad):,}, transformers "
+          f"{sum(q.numel() for q in hf.parameters() if q.requires_grad):,}")
     opt_hf = torch.optim.AdamW([q for q in hf.parameters() if q.requires_grad], lr=1e-5)
     opt_ours = torch.optim.AdamW([q for q in ours.parameters() if q.requires_grad], lr=1e-5)
 
