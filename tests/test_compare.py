@@ -70,3 +70,22 @@ def test_query_recipe_train_eval_export(bccd_subset, tmp_path, capsys):
     assert set(summary["eval"]["diagnostics"]["no_nms"]) >= {"duplicate_rate", "ece", "reliability"}
     assert (run_dir / "reliability.png").stat().st_size > 0
     assert main(["export", str(run_dir), "--out", str(tmp_path / "q.onnx"), "--size", "192x256"]) == 0
+
+
+@pytest.mark.slow
+def test_detr_recipe_train_eval_export(bccd_subset, tmp_path, capsys):
+    """Deformable DETR++ (two-stage, refine, mixed selection, look-forward-twice) through the command line on real
+    BCCD images: train (per-layer and encoder set losses logged), evaluate, export to ONNX checked by onnxruntime."""
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "runs"
+    tiny = ["model.fpn_channels=64", "model.num_queries=20", "model.enc_layers=1", "model.dec_layers=2",
+            "model.dim_feedforward=64"]
+    assert main(["train", "deformable_detr_pp_mnv2_cpu", f"data={bccd_subset}", "iters=2", f"output={run}",
+                 "--pictures", "0", *TINY_COMMON, *tiny]) == 0
+    run_dir = run / "deformable_detr_pp_mnv2_cpu"
+    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"stage0_loss_cls", "stage1_loss_bbox", "enc_loss_iou", "total_loss"} <= set(train[0])
+    assert main(["eval", str(run_dir), "--out", str(tmp_path / "eval.json")]) == 0
+    assert "no_nms" in json.loads((tmp_path / "eval.json").read_text())
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "d.onnx"), "--size", "192x256"]) == 0
+    assert "dup%" in capsys.readouterr().out
