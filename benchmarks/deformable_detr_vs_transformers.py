@@ -7,11 +7,13 @@
 transformers' model (random weights, its own ResNet-50 backbone config: no download) is converted to e2edet with
 ``e2edet.models.detr.convert.from_transformers``, so both compute the same function (checked before timing); both
 backbones use frozen BatchNorm and train layer2-layer4, as the published models do (transformers' model is built
-with its backbone frozen; its last three stages are unfrozen here, so both train the same parameters). The
-input is a padded batch of random images; one training step = forward + the model's Hungarian set loss on the same
-targets (transformers: its own ``loss_function`` with labels; e2edet: the ``deformable_detr`` criterion) + backward
-+ an AdamW step. Reported: median seconds over ``--iters`` after one warm-up, and e2edet / transformers. The
-numbers depend on the machine; both run in this one process.
+with its backbone frozen; its last three stages are unfrozen here, so both train the same parameters). Dropout is
+the official 0.1 in both: after attention, after the FFN activation and on the decoder self-attention weights
+(transformers' defaults are 0 for the last two). The input is a padded batch of random images; one training step =
+forward + the model's Hungarian set loss on the same targets (transformers: its own ``loss_function`` with labels;
+e2edet: the ``deformable_detr`` criterion) + backward + an AdamW step. Reported: median seconds over ``--iters``
+(the two models timed alternately, after one warm-up each) and the median of the per-pair ratios e2edet /
+transformers. The numbers depend on the machine; both run in this one process.
 """
 
 from __future__ import annotations
@@ -30,14 +32,18 @@ from e2edet.models.detr.deformable_detr import DeformableDETR
 VARIANTS = {"plain": {}, "refine": {"with_box_refine": True}, "two_stage": {"with_box_refine": True, "two_stage": True}}
 
 
-def _timed(fn, iters: int) -> float:
-    fn()  # warm-up
-    times = []
+def _timed_pairs(fn_a, fn_b, iters: int) -> tuple[float, float, float]:
+    """Median seconds of ``fn_a`` and ``fn_b`` and the median of the per-pair ratios a / b, timed alternately (one
+    warm-up each), so a slow spell of the machine weighs on both sides alike."""
+    fn_a(), fn_b()
+    times_a, times_b = [], []
     for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    ratios = [ta / tb for ta, tb in zip(times_a, times_b)]
+    return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
 
 
 def main() -> None:
@@ -61,7 +67,7 @@ def main() -> None:
         use_timm_backbone=False, use_pretrained_backbone=False, backbone=None, backbone_config=backbone,
         d_model=args.width, encoder_layers=args.layers, decoder_layers=args.layers, encoder_ffn_dim=1024,
         decoder_ffn_dim=1024, num_queries=args.queries, two_stage_num_proposals=args.queries, num_labels=3,
-        auxiliary_loss=True, **kw)
+        auxiliary_loss=True, dropout=0.1, activation_dropout=0.1, attention_dropout=0.1, **kw)
     torch.manual_seed(0)
     hf = transformers.DeformableDetrForObjectDetection(config)
     ours = DeformableDETR("resnet50", num_classes=3, pretrained=False, norm="FrozenBN", hidden_dim=args.width,
@@ -114,13 +120,12 @@ def main() -> None:
         for m in (hf, ours):
             m.train(mode == "train")
         with torch.set_grad_enabled(mode == "train"):
-            t_hf, t_ours = _timed(fn_hf, args.iters), _timed(fn_ours, args.iters)
-        rows.append((name, t_ours, t_hf))
+            rows.append((name, *_timed_pairs(fn_ours, fn_hf, args.iters)))
     print(f"Deformable DETR ({args.variant}), R-50, d={args.width}, {args.layers}+{args.layers} layers, "
           f"{args.queries} queries, batch {b} of {s}x{s}, {args.threads} threads, median of {args.iters}")
     print(f"| {'':14} | e2edet s | transformers s | ratio |")
-    for name, t_ours, t_hf in rows:
-        print(f"| {name:14} | {t_ours:8.3f} | {t_hf:14.3f} | {t_ours / t_hf:5.2f} |")
+    for name, t_ours, t_hf, ratio in rows:
+        print(f"| {name:14} | {t_ours:8.3f} | {t_hf:14.3f} | {ratio:5.2f} |")
 
 
 if __name__ == "__main__":
