@@ -1,6 +1,7 @@
 """The shared decoder-stage loop of the query detectors (``e2edet.models.query.stages``): stage order, reference
 detached between stages (content not), per-stage outputs collected, the query-set hook (``stage_pass``) that a
-training-only strategy such as SQR (spec detr.md 2.2, 2.8 #1 #3 #4 #9) is written on, and the input checks."""
+training-only strategy such as SQR (spec detr.md 2.2; its own tests are in test_sqr.py) is written on, and the input
+checks."""
 
 import pytest
 import torch
@@ -87,17 +88,6 @@ def test_loop_errors():
 
 
 # ---------------------------------------------------------------- the hook point: several query sets per stage
-def _sqr(stages, step, queries, features, start, end):
-    """A recollection strategy written on the hook (test-only sketch of SQR, spec detr.md 2.2): stage s takes the
-    sets R[start[s]:end[s]]; returns (stage, set, outputs) records and the pool R."""
-    pool, records = [queries], []
-    for s, stage in enumerate(stages):
-        for j, (state, out) in enumerate(stage_pass(step, stage, pool[start[s]:end[s]], features)):
-            pool.append(state)
-            records.append((s, j, out))
-    return records, pool
-
-
 @pytest.mark.parametrize("batch", [1, 2, 3])
 def test_batched_sets_equal_separate_calls_split_by_true_batch(batch):
     stages, log, queries, features = _toy(num_stages=1, batch=batch)
@@ -116,24 +106,6 @@ def test_batched_sets_equal_separate_calls_split_by_true_batch(batch):
     with pytest.raises(ValueError, match="batch"):
         stage_pass(toy_step, stages[0], [sets[0], QueryState(torch.randn(batch + 1, N, D), sets[0].reference)],
                    features)
-
-
-def test_recollection_strategy_on_the_hook_keeps_the_sequential_chain():
-    start, end = [0, 0, 1, 2, 4, 7], [1, 2, 4, 7, 12, 20]  # official SQR-AdaMixer lists
-    stages, log, queries, features = _toy(num_stages=6)
-    with torch.no_grad():
-        chain = run_stages(stages, toy_step, queries, features)
-        records, pool = _sqr(stages, toy_step, queries, features, start, end)
-    counts = [sum(1 for s, _, _ in records if s == k) for k in range(6)]
-    assert counts == [1, 2, 3, 5, 8, 13] and len(records) == 32 and len(pool) == 33
-    for k in range(6):  # the last set of every stage is the sequential chain, predicted by that stage
-        last = [out for s, _, out in records if s == k][-1]
-        for key in chain[k]:
-            torch.testing.assert_close(last[key], chain[k][key])
-    # each set entering a stage carries its own (detached) reference: the one its producer returned
-    stage2_inputs = [st for i, st in log[6 + 1:] if i == 2]  # after the chain's 6 calls and SQR stages 0, 1
-    assert len(stage2_inputs) == 1 and stage2_inputs[0].reference.shape[0] == 3 * 2
-    torch.testing.assert_close(stage2_inputs[0].reference, torch.cat([p.reference for p in pool[1:4]]))
 
 
 def _tiny_models():

@@ -20,7 +20,12 @@ __all__ = ["QueryLossSection", "QueryModelSection", "build_criterion", "build_po
 class QueryModelSection(ModelSection):
     """Model keys of every query detector: ``num_queries``, ``num_stages`` (decoder stages), ``num_heads`` (query
     self-attention), ``dim_feedforward``, ``dropout``, ``proposal_init`` (``whole``/``grid``; empty = the method's
-    default) and ``drmm`` (D-RMM mixture outputs and loss)."""
+    default) and ``drmm`` (D-RMM mixture outputs and loss).
+
+    SQR (selective query recollection, training only, ``models/query/recollection.py``): ``sqr`` = ``off``,
+    ``selective`` (stage s also re-runs the sets of stage s-2: 1, 2, 3, 5, 8, 13 sets) or ``dense`` (every earlier
+    set: 2^s); ``sqr_start_stage``: first stage that recollects (the official ablation, 1 = the published lists);
+    ``sqr_batched``: all sets of a stage in one batch (faster, more memory) or one at a time."""
 
     num_queries: Int = Field(100, ge=1)
     num_stages: Int = Field(6, ge=1)
@@ -29,6 +34,9 @@ class QueryModelSection(ModelSection):
     dropout: Float = Field(0.0, ge=0, lt=1)
     proposal_init: Literal["", "whole", "grid"] = ""
     drmm: bool = False
+    sqr: Literal["off", "selective", "dense"] = "off"
+    sqr_start_stage: Int = Field(1, ge=1)
+    sqr_batched: bool = True
 
 
 class QueryLossSection(Section):
@@ -62,6 +70,9 @@ def check(cfg, source: str) -> None:
     if (cfg.test.score == "drmm") != m.drmm or cfg.test.score not in ("cls", "drmm"):
         raise ConfigError(f"{source}: query detectors score with test.score=cls (sigmoid), or test.score=drmm "
                           f"together with model.drmm=true; got test.score={cfg.test.score}, model.drmm={m.drmm}")
+    if m.sqr != "off" and m.drmm:
+        raise ConfigError(f"{source}: model.sqr={m.sqr} needs the Hungarian set loss; D-RMM's mixture loss "
+                          f"(model.drmm=true) supervises only the sequential stages")
     if m.fpn_channels % m.num_heads:
         raise ConfigError(f"{source}: model.fpn_channels={m.fpn_channels} must be divisible by model.num_heads "
                           f"({m.num_heads})")
@@ -69,8 +80,12 @@ def check(cfg, source: str) -> None:
 
 def query_kwargs(cfg) -> dict:
     """Constructor arguments every query detector takes, from the ``model`` section."""
+    from e2edet.models.query.recollection import Recollection
+
     m = cfg.model
-    return dict(backbone_name=m.backbone, num_classes=m.num_classes, pretrained=m.pretrained, freeze_at=m.freeze_at,
+    recollection = None if m.sqr == "off" else Recollection.build(m.num_stages, m.sqr, m.sqr_start_stage,
+                                                                   m.sqr_batched)
+    return dict(recollection=recollection, backbone_name=m.backbone, num_classes=m.num_classes, pretrained=m.pretrained, freeze_at=m.freeze_at,
                 hidden_dim=m.fpn_channels, num_queries=m.num_queries, num_stages=m.num_stages,
                 num_heads=m.num_heads, dim_feedforward=m.dim_feedforward, dropout=m.dropout, drmm=m.drmm,
                 proposal_init=m.proposal_init or None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import string
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -160,6 +161,12 @@ class SetCriterion(nn.Module):
     avoids the inf/NaN of mmdet 2.12 on GT-free batches (``specs/query.md`` §1.9). Losses are computed in float32
     with autocast off. With no matched GT the box losses are exact zeros that stay connected to the graph.
 
+    SQR (``models/query/recollection.py``, spec ``detr.md`` §2.4): when ``outputs`` holds ``"recollected"`` (every
+    recollected set's output dict, in order) and ``"recollected_stages"`` (the stage of each), a per-entry set over
+    ``"stages"`` reads those instead: every recollected set is matched and normalised on its own, and the losses of
+    the sets of stage ``s`` are **summed** into ``stage{s}_loss_*`` (``pos_acc`` averaged), as the loop version
+    ``AdaMixerDecoder_Qrecycle`` accumulates them; no per-set weight (the official code has none).
+
     Args:
         num_classes: ``K``.
         matcher: the stages' matcher, a callable ``(pred_logits, pred_boxes, targets) -> [(pred_idx, gt_idx)]`` per
@@ -305,7 +312,13 @@ class SetCriterion(nn.Module):
             with torch.autocast(device_type=device.type, enabled=False):
                 losses = self._set_losses(e.spec, e.logits, e.boxes, batch_idx, query_idx, gt_boxes[gt_idx], labels,
                                           whwh[batch_idx], avg_factors[j])
-            result.update({f"{e.name}_{k}": v for k, v in losses.items()})
+            for k, v in losses.items():  # recollected sets of one stage: losses summed, pos_acc averaged
+                key = f"{e.name}_{k}"
+                result[key] = result[key] + v if key in result else v
+        repeats = Counter(e.name for e in entries)
+        for name, count in repeats.items():
+            if count > 1:
+                result[f"{name}_pos_acc"] = result[f"{name}_pos_acc"] / count
         result["num_gt"] = torch.tensor(num_gt, device=device)
         return result
 
@@ -318,16 +331,28 @@ class SetCriterion(nn.Module):
                 kind = "a non-empty list of dicts" if spec.per_entry else "a dict"
                 raise ValueError(f"set {spec.name!r}: outputs has no {spec.source!r} entry ({kind})")
             value = outputs if spec.source is None else outputs[spec.source]
+            recollected = spec.per_entry and spec.source == "stages" and "recollected" in outputs
+            if recollected:
+                value, where = outputs["recollected"], "outputs['recollected']"
+                stage_of = list(outputs.get("recollected_stages", ()))
+                if not isinstance(value, (list, tuple)) or not value or len(stage_of) != len(value):
+                    raise ValueError(f"set {spec.name!r}: outputs['recollected'] must be a non-empty list of dicts "
+                                     f"with one stage per entry in outputs['recollected_stages']")
             if spec.per_entry:
                 if not isinstance(value, (list, tuple)) or not value:
                     raise ValueError(f"set {spec.name!r}: {where} must be a non-empty list of dicts")
-                items = [(spec.name.format(i=i), f"{where}[{i}]", d) for i, d in enumerate(value)]
+                items = [(spec.name.format(i=stage_of[i] if recollected else i), f"{where}[{i}]", d)
+                         for i, d in enumerate(value)]
             else:
                 items = [(spec.name, where, value)]
             for name, path, d in items:
                 entries.append(self._entry(spec, name, path, d))
         names = [e.name for e in entries]
-        if len(set(names)) != len(names):
+        owners: dict[str, set] = {}
+        for e in entries:
+            owners.setdefault(e.name, set()).add(id(e.spec))
+        repeated = [n for n in owners if names.count(n) > 1 and (len(owners[n]) > 1 or "recollected" not in outputs)]
+        if repeated:  # only the recollected sets of one stage share a name (their losses are summed)
             raise ValueError(f"the prediction sets give repeated names: {names}")
         batch = entries[0].logits.shape[0]
         for e in entries:

@@ -1,7 +1,8 @@
 """Query-based recipes: Sparse R-CNN, AdaMixer and D-RMM on both (published COCO configs and CPU-sized variants).
 
 COCO recipes follow ``specs/query.md`` §1.6/§1.7 (MMDetection ``configs/sparse_rcnn``), §2.6 (``MCG-NJU/AdaMixer``
-``configs/adamixer``) and §3.6 (``lhj815/D-RMM`` ``configs/drmm``): AdamW with gradient clipping at L2 norm 1, linear
+``configs/adamixer``), §3.6 (``lhj815/D-RMM`` ``configs/drmm``) and ``specs/detr.md`` §2.6 (SQR-AdaMixer, the
+AdaMixer config with recollection: same lr, clip and schedule, no loss re-weighting): AdamW with gradient clipping at L2 norm 1, linear
 warm-up of 500 iterations from 1e-3, 2 images per process (launch with ``torchrun --nproc_per_node 8`` for the
 published batch of 16), 6 stages, top-k inference without NMS. They need ``data=PATH``. Deviations: the DETR-style
 crop branch ("300_proposals_crop", D-RMM "fullaug") is approximated by ``data.crop`` (a random crop of 50-100 % of each
@@ -28,7 +29,14 @@ METHODS = {
                          dict(arch="sparse_rcnn", drmm=True, proposal_init="grid"), dict(score="drmm"), 5e-5, 5e-5),
     "drmm_adamixer": ("D-RMM + AdaMixer (unreleased upstream; port of specs/query.md 3.10); no NMS",
                       dict(arch="adamixer", drmm=True, proposal_init="grid"), dict(score="drmm"), 5e-5, 5e-5),
+    "sqr_adamixer": ("SQR-AdaMixer: AdaMixer trained with selective query recollection (stage s also re-runs the "
+                     "query sets of stage s-2, 32 supervised stage passes); inference = AdaMixer; no NMS",
+                     dict(arch="adamixer", sqr="selective"), dict(score="cls"), 2.5e-5, 1e-4),
+    "sqr_sparse_rcnn": ("SQR on Sparse R-CNN (no official code; the shared stage loop), inference = Sparse R-CNN; "
+                        "no NMS", dict(arch="sparse_rcnn", sqr="selective"), dict(score="cls"), 2.5e-5, 1e-4),
 }
+#: published COCO schedules per method (SQR: ``Fangyi-Chen/SQR`` ``configs/sqr/adamixer_SQR_r50_1x_coco.py`` only).
+COCO_SCHEDULES = {"sqr_adamixer": (("resnet50", "1x"),), "sqr_sparse_rcnn": ()}
 
 
 def _base(method: str, name: str, description: str) -> Config:
@@ -88,7 +96,7 @@ def _cpu(method: str) -> Config:
 
 for _method in METHODS:
     register_recipe(lambda m=_method: _cpu(m))
+_ALL_SCHEDULES = (("resnet50", "1x"), ("resnet50", "300q_3x_crop_ms"), ("resnet101", "300q_3x_crop_ms"))
 for _method in METHODS:
-    register_recipe(lambda m=_method: _coco(m, "resnet50", "1x"))
-    register_recipe(lambda m=_method: _coco(m, "resnet50", "300q_3x_crop_ms"))
-    register_recipe(lambda m=_method: _coco(m, "resnet101", "300q_3x_crop_ms"))
+    for _backbone, _schedule in COCO_SCHEDULES.get(_method, _ALL_SCHEDULES):
+        register_recipe(lambda m=_method, b=_backbone, s=_schedule: _coco(m, b, s))

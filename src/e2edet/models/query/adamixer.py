@@ -20,7 +20,8 @@ from e2edet.models.query.adamixer_ops import (AdaptiveMixing, grid_offsets, init
                                               make_sample_points, position_embedding, sampling_3d)
 from e2edet.models.query.common import FFN, StageOutput, proposal_init as make_proposals
 from e2edet.models.inputs import check_inputs
-from e2edet.models.query.stages import QueryState, run_stages
+from e2edet.models.query.recollection import Recollection, check_recollection, decode_stages
+from e2edet.models.query.stages import QueryState
 from e2edet.ops.boxes import refine_xyzr, xyzr_to_xyxy
 
 __all__ = ["AdaMixer", "AdaMixerStage", "ChannelMapping"]
@@ -157,6 +158,8 @@ class AdaMixer(nn.Module):
         out_points: P_out (128). dropout: attention/FFN dropout (0). drmm: D-RMM output heads.
         proposal_init: fixed stage-0 boxes, ``"whole"`` | ``"grid"`` (``common.proposal_init``, turned into xyzr
             by ``adamixer_ops.initial_xyzr``); None = ``"whole"`` (AdaMixer) / ``"grid"`` (D-RMM + AdaMixer).
+        recollection: SQR index lists (``recollection.Recollection``), used in training only; None = the plain
+            stage loop. Adds no parameter (SQR-AdaMixer, spec ``detr.md`` §2).
 
     Attributes:
         num_classes, drmm, strides
@@ -172,7 +175,7 @@ class AdaMixer(nn.Module):
                  freeze_at: int = 2, norm: str | None = None, hidden_dim: int = 256, num_queries: int = 100,
                  num_stages: int = 6, num_heads: int = 8, dim_feedforward: int = 2048, num_groups: int = 4,
                  in_points: int = 32, out_points: int = 128, dropout: float = 0.0, drmm: bool = False,
-                 proposal_init: str | None = None):
+                 proposal_init: str | None = None, recollection: Recollection | None = None):
         super().__init__()
         if hidden_dim % 8 or hidden_dim % num_heads or hidden_dim % num_groups:
             raise ValueError(f"hidden_dim {hidden_dim} must be a multiple of 8 (position embedding), of num_heads "
@@ -180,6 +183,7 @@ class AdaMixer(nn.Module):
         if min(num_queries, num_stages, in_points, out_points) < 1:
             raise ValueError("num_queries, num_stages, in_points and out_points must be >= 1")
         self.num_classes, self.drmm = num_classes, drmm
+        self.recollection = check_recollection(recollection, num_stages, drmm)
         self.proposal_init = proposal_init if proposal_init is not None else ("grid" if drmm else "whole")
         # normalised (cx, cy, w, h) [N, 4]; not saved (derived from the constructor arguments), raises for an unknown kind / N
         self.register_buffer("init_proposals", make_proposals(self.proposal_init, num_queries), persistent=False)
@@ -217,8 +221,8 @@ class AdaMixer(nn.Module):
         weight = self.content.weight
         query = F.layer_norm(weight, weight.shape[-1:]).unsqueeze(0).expand(images.shape[0], -1, -1)
         xyzr = initial_xyzr(sizes, self.init_proposals)
-        stages = run_stages(self.stages, self.stage_step, QueryState(query, xyzr), features)
-        return {"stages": stages, **stages[-1]}
+        return decode_stages(self.stages, self.stage_step, QueryState(query, xyzr), features,
+                             self.recollection if self.training else None)
 
     def stage_step(self, stage: AdaMixerStage, state: QueryState,
                    features: list[Tensor]) -> tuple[QueryState, dict[str, Tensor]]:

@@ -18,7 +18,8 @@ from e2edet.models.backbone import build_backbone
 from e2edet.models.query.common import proposal_init as make_proposals
 from e2edet.models.query.dynamic_conv import DIIStage
 from e2edet.models.inputs import check_inputs
-from e2edet.models.query.stages import QueryState, run_stages
+from e2edet.models.query.recollection import Recollection, check_recollection, decode_stages
+from e2edet.models.query.stages import QueryState
 from e2edet.ops.boxes import delta_xywh_decode, normalized_cxcywh_to_xyxy
 
 __all__ = ["SparseRCNN", "PyramidRoIAlign"]
@@ -113,6 +114,8 @@ class SparseRCNN(nn.Module):
             300 queries). drmm: D-RMM output layers and box update.
         stage_init: ``"official"`` | ``"adamixer"`` (zero DynamicConv generator weight and ``fc_reg``, see
             ``DIIStage``).
+        recollection: SQR index lists (``recollection.Recollection``), used in training only; None = the plain
+            stage loop. Adds no parameter (spec ``detr.md`` §2, through the shared stage loop).
 
     Attributes:
         num_classes, drmm, strides (``[4, 8, 16, 32]``), backbone, fpn, roi_pool, init_proposal_boxes, init_proposal_features, stages.
@@ -126,11 +129,12 @@ class SparseRCNN(nn.Module):
                  freeze_at: int = 2, norm: str | None = None, hidden_dim: int = 256, num_queries: int = 100,
                  num_stages: int = 6, num_heads: int = 8, dim_feedforward: int = 2048, dynamic_dim: int = 64,
                  pooler_size: int = 7, dropout: float = 0.0, proposal_init: str | None = None, drmm: bool = False,
-                 stage_init: str = "official"):
+                 stage_init: str = "official", recollection: Recollection | None = None):
         super().__init__()
         if num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {num_stages}")
         self.num_classes, self.drmm, self.num_queries = num_classes, drmm, num_queries
+        self.recollection = check_recollection(recollection, num_stages, drmm)
         self.backbone = build_backbone(backbone_name, pretrained=pretrained, norm=norm, freeze_at=freeze_at,
                                        with_c2=True)
         self.strides = list(self.backbone.strides)
@@ -174,8 +178,8 @@ class SparseRCNN(nn.Module):
         batch = images.shape[0]
         boxes = normalized_cxcywh_to_xyxy(self.init_proposal_boxes.weight.float(), sizes)  # [B, N, 4], keeps the grad
         content = self.init_proposal_features.weight.unsqueeze(0).expand(batch, -1, -1)
-        stages = run_stages(self.stages, self.stage_step, QueryState(content, boxes), features)
-        return {"stages": stages, **stages[-1]}
+        return decode_stages(self.stages, self.stage_step, QueryState(content, boxes), features,
+                             self.recollection if self.training else None)
 
     def stage_step(self, stage: DIIStage, state: QueryState,
                    features: list[Tensor]) -> tuple[QueryState, dict[str, Tensor]]:

@@ -26,16 +26,11 @@ Pieces:
   per-stage output dicts (``outputs["stages"]``).
 - the input checks of every detector are :func:`e2edet.models.inputs.check_inputs`.
 
-Hook point for training-only query strategies (SQR, ``detr.md`` section 2; not implemented here): such a strategy
-replaces ``run_stages`` -- never the per-model step -- when ``model.training`` (switch on ``self.training``, not on
-``requires_grad``), so it is written once for all query detectors. SQR: keep a list ``R`` of ``QueryState`` starting
-with ``[queries]``; for stage ``s`` call ``stage_pass(step, stages[s], R[start[s]:end[s]], features)``: the sets are
-concatenated along the batch (set-major: set 0 images 0..B-1, set 1 ...), ``features`` repeated per set, run once
-and split back by the true batch size B; append the next states (content not detached, each set's own reference
-detached) to ``R`` and record each output with its (stage ``s``, set ``j``) explicitly. Each output is then predicted
-by the consuming stage's head (``stages[s]``) from the reference that entered it (the set's own). The last set of
-every stage is the sequential chain, i.e. what ``run_stages`` returns; at evaluation the strategy must fall back to
-``run_stages``.
+Hook point for training-only query strategies: SQR (``detr.md`` section 2) is written once for all query
+detectors in :mod:`e2edet.models.query.recollection`, on ``stage_pass``: it replaces ``run_stages`` -- never the
+per-model step -- when ``model.training`` (switched on ``self.training``, not on ``requires_grad``). Several query
+sets are concatenated along the batch (set-major: set 0 images 0..B-1, set 1 ...), ``features`` repeated per set,
+run once and split back by the true batch size B; each set keeps its own detached reference.
 """
 
 from __future__ import annotations
