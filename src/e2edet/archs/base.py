@@ -9,14 +9,14 @@ and the functions that build its model, criterion and post-processor from a whol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import Field
 from torch import nn
 
 from e2edet.config_checks import Int, Section
 
-__all__ = ["Architecture", "ModelSection"]
+__all__ = ["Architecture", "ModelSection", "RecollectionKeys", "build_recollection"]
 
 
 class ModelSection(Section):
@@ -35,6 +35,29 @@ class ModelSection(Section):
     fpn_channels: Int = Field(256, ge=1)
     num_classes: Int = Field(0, ge=0)
     class_names: tuple[str, ...] = ()
+
+
+class RecollectionKeys(Section):
+    """SQR keys (selective query recollection, training only, ``models/query/recollection.py``) of the
+    architectures driven by the shared stage loop: ``sqr`` = ``off``, ``selective`` (stage s also re-runs the sets
+    of stage s-2: 1, 2, 3, 5, 8, 13 sets) or ``dense`` (every earlier set: 2^s); ``sqr_start_stage``: first stage
+    that recollects (the official ablation; 1 = the published lists); ``sqr_batched``: all sets of a stage in one
+    batch (faster, more memory) or one at a time."""
+
+    sqr: Literal["off", "selective", "dense"] = "off"
+    sqr_start_stage: Int = Field(1, ge=1)
+    sqr_batched: bool = True
+
+
+def build_recollection(model_section, num_stages: int):
+    """The :class:`~e2edet.models.query.recollection.Recollection` of a section with :class:`RecollectionKeys`
+    (None when ``sqr=off``)."""
+    from e2edet.models.query.recollection import Recollection
+
+    m = model_section
+    if m.sqr == "off":
+        return None
+    return Recollection.build(num_stages, m.sqr, m.sqr_start_stage, m.sqr_batched)
 
 
 @dataclass(frozen=True)

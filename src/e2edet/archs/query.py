@@ -10,22 +10,17 @@ from typing import Literal
 
 from pydantic import Field
 
-from e2edet.archs.base import ModelSection
+from e2edet.archs.base import ModelSection, RecollectionKeys, build_recollection
 from e2edet.config_checks import ConfigError, Float, Int, Section
 
 __all__ = ["QueryLossSection", "QueryModelSection", "build_criterion", "build_postprocessor", "check",
            "query_kwargs"]
 
 
-class QueryModelSection(ModelSection):
+class QueryModelSection(RecollectionKeys, ModelSection):
     """Model keys of every query detector: ``num_queries``, ``num_stages`` (decoder stages), ``num_heads`` (query
     self-attention), ``dim_feedforward``, ``dropout``, ``proposal_init`` (``whole``/``grid``; empty = the method's
-    default) and ``drmm`` (D-RMM mixture outputs and loss).
-
-    SQR (selective query recollection, training only, ``models/query/recollection.py``): ``sqr`` = ``off``,
-    ``selective`` (stage s also re-runs the sets of stage s-2: 1, 2, 3, 5, 8, 13 sets) or ``dense`` (every earlier
-    set: 2^s); ``sqr_start_stage``: first stage that recollects (the official ablation, 1 = the published lists);
-    ``sqr_batched``: all sets of a stage in one batch (faster, more memory) or one at a time."""
+    default), ``drmm`` (D-RMM mixture outputs and loss) and the SQR keys (:class:`RecollectionKeys`)."""
 
     num_queries: Int = Field(100, ge=1)
     num_stages: Int = Field(6, ge=1)
@@ -34,9 +29,6 @@ class QueryModelSection(ModelSection):
     dropout: Float = Field(0.0, ge=0, lt=1)
     proposal_init: Literal["", "whole", "grid"] = ""
     drmm: bool = False
-    sqr: Literal["off", "selective", "dense"] = "off"
-    sqr_start_stage: Int = Field(1, ge=1)
-    sqr_batched: bool = True
 
 
 class QueryLossSection(Section):
@@ -80,12 +72,8 @@ def check(cfg, source: str) -> None:
 
 def query_kwargs(cfg) -> dict:
     """Constructor arguments every query detector takes, from the ``model`` section."""
-    from e2edet.models.query.recollection import Recollection
-
     m = cfg.model
-    recollection = None if m.sqr == "off" else Recollection.build(m.num_stages, m.sqr, m.sqr_start_stage,
-                                                                   m.sqr_batched)
-    return dict(recollection=recollection, backbone_name=m.backbone, num_classes=m.num_classes, pretrained=m.pretrained, freeze_at=m.freeze_at,
+    return dict(recollection=build_recollection(m, m.num_stages), backbone_name=m.backbone, num_classes=m.num_classes, pretrained=m.pretrained, freeze_at=m.freeze_at,
                 hidden_dim=m.fpn_channels, num_queries=m.num_queries, num_stages=m.num_stages,
                 num_heads=m.num_heads, dim_feedforward=m.dim_feedforward, dropout=m.dropout, drmm=m.drmm,
                 proposal_init=m.proposal_init or None)

@@ -16,6 +16,12 @@ Deviations: the DETR augmentation's second branch (resize to 400/500/600, random
 resize) is approximated by ``data.crop`` (a random crop of 50-100 % of each side, then the multi-scale resize), as in
 the query recipes; multi-scale is 480..800 in steps of 32 with max 1333, as in the official code.
 
+SQR and MS-DETR (``specs/detr.md`` §2.6, §3.6) are training strategies on top of these variants: the published
+SQR-Deformable-DETR (single-stage, no refinement, 50 epochs) and MS-DETR on the 12-epoch baselines (300 queries;
+Deformable-DETR++ also 900 queries, evaluated top-300); o2o class weight 1, o2m 2 / 5 / 2, encoder matched on the
+anchors without class cost. The CPU recipes put them on the refinement variant (SQR, MS-DETR and both, a combination
+no official code has) and MS-DETR on ++.
+
 The ``*_mnv2_cpu`` recipes keep each variant's decoder (6 layers), losses and inference and shrink the backbone
 (ImageNet MobileNetV2), the width (128, 8 heads of 16), the FFN (half the published width: 512, and 1024 for ++), the
 queries (100), the encoder (3 layers: it runs over every position of the 4 levels, about 5000 at 416x576, and took
@@ -95,7 +101,55 @@ def _cpu(variant: str) -> Config:
     return cfg
 
 
+#: training strategy -> (description, model fields, loss fields), applied on top of a variant's recipe.
+STRATEGIES = {
+    "sqr": ("SQR: layer s also re-runs the query sets of layers s-1 and s-2 (1, 2, 3, 5, 8, 13 sets: 32 supervised "
+            "layer passes, each set with its own reference); inference unchanged", dict(sqr="selective"), {}),
+    "ms": ("MS-DETR: one-to-many supervision of the same queries, tapped after cross-attention through an auxiliary "
+           "FFN (layers CA -> SA -> FFN), up to 6 queries per GT; inference one-to-one", dict(ms_detr=True),
+           dict(cls_weight=1.0, enc_cost_class=0.0, enc_match_anchors=True)),
+}
+
+
+def _with(strategies: tuple[str, ...], cfg: Config, name: str) -> Config:
+    """``cfg`` with the strategies' model and loss fields and ``name``; descriptions joined."""
+    cfg.name = name
+    cfg.description = ". ".join([STRATEGIES[s][0] for s in strategies] + [cfg.description])
+    for s in strategies:
+        for section, fields in (("model", STRATEGIES[s][1]), ("loss", STRATEGIES[s][2])):
+            for key, value in fields.items():
+                setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def _sqr_coco() -> Config:
+    """SQR-Deformable-DETR (``Fangyi-Chen/SQR`` ``configs/sqr/deformable_detr_SQR_r50_50e_coco.py``): the
+    single-stage model without refinement, 50 epochs, total batch 32 (the author's 8 GPUs x 4)."""
+    return _with(("sqr",), _coco("plain"), "sqr_deformable_detr_r50_50e")
+
+
+def _ms_coco(variant: str, queries: int) -> Config:
+    """MS-DETR (``Atten4Vis/MS-DETR`` ``scripts/train_ms_detr_300.sh``, ``train_ms_detr_pp_300.sh``,
+    ``train_ms_detr_pp_900.sh``): the 12-epoch baselines with ``--use_ms_detr --use_aux_ffn --cls_loss_coef 1``,
+    total batch 16; 900 queries are evaluated top-300."""
+    infix = "_pp" if variant == "pp" else ""
+    cfg = _with(("ms",), _coco(variant), f"ms_detr{infix}_{queries}q_r50_12e")
+    cfg.model.num_queries, cfg.test.max_detections = queries, 300 if queries == 900 else 100
+    return cfg
+
+
+def _strategy_cpu(strategies: tuple[str, ...], variant: str) -> Config:
+    prefix = "sqr_" if "sqr" in strategies else ""
+    base = "ms_detr" if "ms" in strategies else "deformable_detr"
+    return _with(strategies, _cpu(variant), f"{prefix}{base}{VARIANTS[variant][0]}_mnv2_cpu")
+
+
 for _variant in CPU_VARIANTS:
     register_recipe(lambda v=_variant: _cpu(v))
+for _strategies, _variant in ((("sqr",), "refine"), (("ms",), "refine"), (("sqr", "ms"), "refine"), (("ms",), "pp")):
+    register_recipe(lambda s=_strategies, v=_variant: _strategy_cpu(s, v))
 for _variant in VARIANTS:
     register_recipe(lambda v=_variant: _coco(v))
+register_recipe(_sqr_coco)
+for _variant, _queries in (("two_stage_ffn2048", 300), ("pp", 300), ("pp", 900)):
+    register_recipe(lambda v=_variant, q=_queries: _ms_coco(v, q))

@@ -11,6 +11,7 @@ code (``backbone``, ``input_proj``, ``transformer.encoder/decoder/level_embed/re
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -24,6 +25,8 @@ from e2edet.models.detr.position import box_sine_embedding, sine_position_encodi
 from e2edet.models.detr.transformer import (DeformableDecoder, DeformableDecoderLayer, DeformableEncoder,
                                             DeformableEncoderLayer, encoder_proposals, refine_reference, valid_ratios)
 from e2edet.models.inputs import check_inputs
+from e2edet.models.query.recollection import Recollection, check_recollection, decode_stages
+from e2edet.models.query.stages import QueryState
 
 __all__ = ["MLP", "DeformableDETR", "DeformableTransformer"]
 
@@ -52,20 +55,25 @@ class DeformableTransformer(nn.Module):
         two_stage: queries from the top-``num_queries`` encoder proposals; mixed_selection: with two-stage, the
             content query is a learned embedding and only the positional query comes from the proposals;
         look_forward_twice: see :class:`~e2edet.models.detr.transformer.DeformableDecoder`.
+        ms_detr, aux_ffn: MS-DETR decoder layers (see :class:`~e2edet.models.detr.transformer.DeformableDecoderLayer`).
+
+    :meth:`forward` encodes and initialises the queries; the detector runs the decoder layers one by one
+    (:meth:`DeformableDecoder.step`).
     """
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
                  dim_feedforward: int = 1024, dropout: float = 0.1, num_feature_levels: int = 4,
                  enc_n_points: int = 4, dec_n_points: int = 4, two_stage: bool = False, num_queries: int = 300,
-                 mixed_selection: bool = False, look_forward_twice: bool = False):
+                 mixed_selection: bool = False, look_forward_twice: bool = False, ms_detr: bool = False,
+                 aux_ffn: bool = True):
         super().__init__()
         self.d_model, self.two_stage, self.num_queries = d_model, two_stage, num_queries
         self.mixed_selection = mixed_selection
         self.encoder = DeformableEncoder(DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
                                                                 nhead, enc_n_points), num_encoder_layers)
         self.decoder = DeformableDecoder(DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
-                                                                nhead, dec_n_points), num_decoder_layers,
-                                         look_forward_twice)
+                                                                nhead, dec_n_points, ms_detr, aux_ffn),
+                                         num_decoder_layers, look_forward_twice)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
@@ -91,8 +99,8 @@ class DeformableTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
 
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor], query_embed: Tensor | None,
-                class_embed: nn.ModuleList, bbox_embed: nn.ModuleList, refine: bool) -> dict:
-        """Encode the levels and decode the queries.
+                class_embed: nn.ModuleList, bbox_embed: nn.ModuleList) -> dict:
+        """Encode the levels and initialise the decoder queries.
 
         Args:
             srcs: per level ``[B, C, H_l, W_l]``; masks: per level bool ``[B, H_l, W_l]`` (True = padding);
@@ -100,11 +108,14 @@ class DeformableTransformer(nn.Module):
             query_embed: ``[Q, 2C]`` learned (positional, content) queries; ``[Q, C]`` content queries with mixed
                 selection; None for plain two-stage.
             class_embed, bbox_embed: the detector's heads (index ``num_decoder_layers`` = the encoder head in
-                two-stage); refine: pass ``bbox_embed`` to the decoder (iterative refinement).
+                two-stage).
         Returns:
-            dict with ``hs`` (per layer ``[B, Q, C]``), ``init_reference`` ``[B, Q, 2|4]``, ``references`` (per layer
-            the reference the next layer decodes against), and in two-stage ``enc_logits`` ``[B, S, K]`` and
-            ``enc_boxes`` ``[B, S, 4]`` (sigmoid of the encoder box logits; 1 at invalid positions).
+            dict with ``memory`` ``[B, S, C]``, ``mask_flat`` bool ``[B, S]``, ``shapes`` (``(H_l, W_l)`` ints),
+            ``ratios`` ``[B, L, 2]``, the decoder queries ``tgt``/``query_pos`` ``[B, Q, C]`` and ``init_reference``
+            ``[B, Q, 2|4]`` (learned: not detached; two-stage: the detached top-k proposals), and in two-stage
+            ``enc_logits`` ``[B, S, K]``, ``enc_boxes`` ``[B, S, 4]`` (sigmoid of the encoder box logits; 1 at
+            invalid positions) and ``enc_anchors`` ``[B, S, 4]`` (the fixed proposals, normalised cxcywh, the boxes
+            MS-DETR matches the encoder set on).
         Raises:
             ValueError: two-stage with fewer encoder positions than queries.
         """
@@ -135,15 +146,14 @@ class DeformableTransformer(nn.Module):
                 query_pos, tgt = pos_trans[..., :c], query_embed.unsqueeze(0).expand(batch, -1, -1)
             else:
                 query_pos, tgt = torch.split(pos_trans, c, dim=2)
-            out.update(enc_logits=enc_logits, enc_boxes=enc_coord.sigmoid())
+            out.update(enc_logits=enc_logits, enc_boxes=enc_coord.sigmoid(), enc_anchors=proposals.sigmoid())
         else:
             query_pos, tgt = torch.split(query_embed, c, dim=1)
             query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
             tgt = tgt.unsqueeze(0).expand(batch, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()
-        hs, refs = self.decoder(tgt, reference_points, memory, shapes, ratios, query_pos, mask_flat,
-                                bbox_embed if refine else None)
-        out.update(hs=hs, init_reference=reference_points, references=refs)
+        out.update(memory=memory, mask_flat=mask_flat, shapes=shapes, ratios=ratios, tgt=tgt, query_pos=query_pos,
+                   init_reference=reference_points)
         return out
 
 
@@ -159,6 +169,12 @@ class DeformableDETR(nn.Module):
             enc_points, dec_points: 256, 300, 4, 6, 6, 8, 1024, 0.1, 4, 4 (``main.py`` defaults).
         with_box_refine: iterative box refinement (one class/box head per layer); two_stage: encoder proposals;
         mixed_selection, look_forward_twice: the H-DETR tricks of Deformable-DETR++ (need ``two_stage``).
+        ms_detr, aux_ffn: MS-DETR decoder layers (cross-attention -> self-attention -> FFN) with the one-to-many tap
+            after cross-attention, through the auxiliary FFN (``aux_ffn``; spec ``detr.md`` §3.2). The tap's outputs
+            are computed in eval too (as the official code does) and ignored by the post-processor.
+        recollection: SQR index lists (``models/query/recollection.py``), used in training only (spec ``detr.md``
+            §2): every recollected set keeps its own reference (so refinement works, unlike the official
+            ``QRDeformableDetrTransformerDecoder``) and is predicted by the consuming layer's heads.
         lr_multipliers: ``{regex: multiplier}`` of parameter names for the optimizer (first match wins; the
             official recipe: backbone 0.1, ``reference_points|sampling_offsets`` 0.1), kept as ``lr_multipliers``.
 
@@ -167,7 +183,10 @@ class DeformableDETR(nn.Module):
     ``stages`` (one per decoder layer) each with ``pred_logits`` ``[B, Q, K]``, ``pred_boxes_norm`` ``[B, Q, 4]``
     normalised (cx, cy, w, h) of the unpadded image (the DETR convention, used by the loss) and ``pred_boxes``
     ``[B, Q, 4]`` xyxy pixels of the network input; the last layer's entries at the top level; with two-stage
-    ``enc_outputs`` = ``{pred_logits [B, S, K], pred_boxes_norm [B, S, 4], pred_boxes}`` of the encoder proposals.
+    ``enc_outputs`` = ``{pred_logits [B, S, K], pred_boxes_norm [B, S, 4], pred_boxes, anchors_norm [B, S, 4]}`` of
+    the encoder proposals (``anchors_norm``: the fixed proposals, normalised cxcywh). With ``ms_detr`` every stage
+    also has ``pred_logits_o2m``, ``pred_boxes_norm_o2m`` and ``pred_boxes_o2m``; in training with
+    ``recollection`` also ``recollected`` / ``recollected_stages`` (``recollection.decode_stages``).
 
     Raises:
         ValueError: ``mixed_selection``/``look_forward_twice`` without ``two_stage`` and refinement, or an unknown
@@ -179,9 +198,12 @@ class DeformableDETR(nn.Module):
                  num_feature_levels: int = 4, enc_layers: int = 6, dec_layers: int = 6, num_heads: int = 8,
                  dim_feedforward: int = 1024, dropout: float = 0.1, enc_points: int = 4, dec_points: int = 4,
                  with_box_refine: bool = False, two_stage: bool = False, mixed_selection: bool = False,
-                 look_forward_twice: bool = False, lr_multipliers: dict[str, float] | None = None):
+                 look_forward_twice: bool = False, ms_detr: bool = False, aux_ffn: bool = True,
+                 recollection: Recollection | None = None, lr_multipliers: dict[str, float] | None = None):
         super().__init__()
         self.lr_multipliers = dict(lr_multipliers or {})
+        self.recollection = check_recollection(recollection, dec_layers)
+        self.ms_detr = ms_detr
         if (mixed_selection or look_forward_twice) and not (two_stage and with_box_refine):
             raise ValueError("mixed_selection and look_forward_twice need two_stage=True and with_box_refine=True")
         self.num_classes, self.num_queries, self.hidden_dim = num_classes, num_queries, hidden_dim
@@ -199,7 +221,8 @@ class DeformableDETR(nn.Module):
         self.input_proj = nn.ModuleList(proj)
         self.transformer = DeformableTransformer(hidden_dim, num_heads, enc_layers, dec_layers, dim_feedforward,
                                                  dropout, num_feature_levels, enc_points, dec_points, two_stage,
-                                                 num_queries, mixed_selection, look_forward_twice)
+                                                 num_queries, mixed_selection, look_forward_twice, ms_detr,
+                                                 aux_ffn)
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
         elif mixed_selection:
@@ -240,16 +263,41 @@ class DeformableDETR(nn.Module):
         masks = [F.interpolate(mask[None].float(), size=s.shape[-2:]).to(torch.bool)[0] for s in srcs]
         pos = [sine_position_encoding(m, self.hidden_dim // 2).to(s.dtype) for m, s in zip(masks, srcs)]
         query = self.query_embed.weight if hasattr(self, "query_embed") else None
-        t = self.transformer(srcs, masks, pos, query, self.class_embed, self.bbox_embed, self.with_box_refine)
-        stages = []
-        for lvl, hs in enumerate(t["hs"]):
-            reference = t["init_reference"] if lvl == 0 else t["references"][lvl - 1]
-            boxes = refine_reference(self.bbox_embed[lvl](hs), reference)
-            stages.append(_pack(self.class_embed[lvl](hs), boxes, sizes))
-        out = {"stages": stages, **stages[-1]}
+        t = self.transformer(srcs, masks, pos, query, self.class_embed, self.bbox_embed)
+        reference = t["init_reference"]
+        # without refinement every layer attends from and decodes against the learned reference, gradient kept
+        queries = QueryState(t["tgt"], reference, None if self.with_box_refine else reference)
+        features = [t["memory"], t["query_pos"], t["ratios"], t["mask_flat"], sizes]
+        step = functools.partial(self.stage_step, shapes=t["shapes"])
+        layers = list(range(self.transformer.decoder.num_layers))
+        out = decode_stages(layers, step, queries, features, self.recollection if self.training else None)
         if self.two_stage:
-            out["enc_outputs"] = _pack(t["enc_logits"], t["enc_boxes"], sizes)
+            out["enc_outputs"] = {**_pack(t["enc_logits"], t["enc_boxes"], sizes),
+                                  "anchors_norm": t["enc_anchors"]}
         return out
+
+    def stage_step(self, lid: int, state: QueryState, features: list[Tensor],
+                   shapes: list[tuple[int, int]]) -> tuple[QueryState, dict[str, Tensor]]:
+        """Decoder layer ``lid`` and its heads (the ``stages.StageStep`` of this model, with the level ``shapes``
+        bound): ``class_embed[lid]`` and ``bbox_embed[lid]`` on the layer output, boxes decoded against the
+        reference that entered the layer (official ``DeformableDETR.forward``); with MS-DETR layers the same heads
+        and reference on the one-to-many tap (``pred_logits_o2m``, ``pred_boxes_norm_o2m``, ``pred_boxes_o2m``).
+
+        Args:
+            lid: decoder layer index. state: content ``[B', Q, C]``, reference ``[B', Q, 2|4]`` and carry (see
+                :meth:`DeformableDecoder.step`). features: ``memory`` ``[B', S, C]``, ``query_pos`` ``[B', Q, C]``,
+                ``ratios`` ``[B', L, 2]``, padding mask ``[B', S]`` and image ``sizes`` ``[B', 2]`` (``B'`` = B, or
+                G·B for G query sets batched by ``stages.stage_pass``).
+        """
+        memory, query_pos, ratios, mask, sizes = features
+        refine = self.bbox_embed[lid] if self.with_box_refine else None
+        hs, hs_o2m, box_ref, next_ref, carry = self.transformer.decoder.step(
+            lid, state.content, state.reference, state.carry, memory, shapes, ratios, query_pos, mask, refine)
+        out = _pack(self.class_embed[lid](hs), refine_reference(self.bbox_embed[lid](hs), box_ref), sizes)
+        if hs_o2m is not None:
+            o2m = _pack(self.class_embed[lid](hs_o2m), refine_reference(self.bbox_embed[lid](hs_o2m), box_ref), sizes)
+            out.update({f"{k}_o2m": v for k, v in o2m.items()})
+        return QueryState(hs, next_ref, carry), out
 
 
 def _pack(logits: Tensor, boxes_norm: Tensor, sizes: Tensor) -> dict[str, Tensor]:

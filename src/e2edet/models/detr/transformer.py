@@ -92,11 +92,19 @@ class DeformableEncoder(nn.Module):
 
 class DeformableDecoderLayer(nn.Module):
     """Post-norm decoder layer: self-attention (``nn.MultiheadAttention``, q = k = tgt + pos, v = tgt) ->
-    deformable cross-attention (query = tgt + pos) -> FFN, each with residual + dropout + LayerNorm."""
+    deformable cross-attention (query = tgt + pos) -> FFN, each with residual + dropout + LayerNorm.
+
+    ``ms_detr`` (MS-DETR, spec ``detr.md`` §3.2; ``Atten4Vis/MS-DETR`` ``models/deformable_transformer.py``
+    ``DeformableTransformerDecoderLayer.forward`` with ``use_ms_detr``): the order becomes cross-attention ->
+    self-attention -> FFN, and the one-to-many tap is taken after cross-attention, through the auxiliary FFN
+    (``linear3``, ``linear4``, ``norm4``; ``aux_ffn``) or as it is (``aux_ffn=False``). Parameter names are the
+    official ones.
+    """
 
     def __init__(self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, n_levels: int = 4,
-                 n_heads: int = 8, n_points: int = 4):
+                 n_heads: int = 8, n_points: int = 4, ms_detr: bool = False, aux_ffn: bool = True):
         super().__init__()
+        self.ms_detr, self.aux_ffn = ms_detr, ms_detr and aux_ffn
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1, self.norm1 = nn.Dropout(dropout), nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
@@ -104,18 +112,37 @@ class DeformableDecoderLayer(nn.Module):
         self.linear1, self.activation = nn.Linear(d_model, d_ffn), nn.ReLU()
         self.dropout3, self.linear2 = nn.Dropout(dropout), nn.Linear(d_ffn, d_model)
         self.dropout4, self.norm3 = nn.Dropout(dropout), nn.LayerNorm(d_model)
+        if self.aux_ffn:
+            self.linear3, self.dropout5 = nn.Linear(d_model, d_ffn), nn.Dropout(dropout)
+            self.linear4, self.dropout6 = nn.Linear(d_ffn, d_model), nn.Dropout(dropout)
+            self.norm4 = nn.LayerNorm(d_model)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor, shapes: Shapes,
-                padding_mask: Tensor | None) -> Tensor:
+                padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``tgt``, ``query_pos`` ``[B, Q, C]``; ``reference_points`` ``[B, Q, L, 2|4]`` (times the valid ratios);
-        ``memory`` ``[B, S, C]`` -> ``[B, Q, C]``."""
+        ``memory`` ``[B, S, C]`` -> ``(out [B, Q, C], o2m tap [B, Q, C] or None)`` (the tap only with ``ms_detr``)."""
+        if not self.ms_detr:
+            tgt = self._self_attention(tgt, query_pos)
+            tgt = self._cross_attention(tgt, query_pos, reference_points, memory, shapes, padding_mask)
+            return self._ffn(tgt), None
+        tgt = self._cross_attention(tgt, query_pos, reference_points, memory, shapes, padding_mask)
+        if self.aux_ffn:
+            tap = self.norm4(tgt + self.dropout6(self.linear4(self.dropout5(self.activation(self.linear3(tgt))))))
+        else:
+            tap = tgt
+        return self._ffn(self._self_attention(tgt, query_pos)), tap
+
+    def _self_attention(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
         q = k = tgt + query_pos
-        tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
-        tgt = self.norm2(tgt + self.dropout2(tgt2))
+        return self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, need_weights=False)[0]))
+
+    def _cross_attention(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
+                         shapes: Shapes, padding_mask: Tensor | None) -> Tensor:
         tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, shapes, padding_mask)
-        tgt = self.norm1(tgt + self.dropout1(tgt2))
-        tgt2 = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout4(tgt2))
+        return self.norm1(tgt + self.dropout1(tgt2))
+
+    def _ffn(self, tgt: Tensor) -> Tensor:
+        return self.norm3(tgt + self.dropout4(self.linear2(self.dropout3(self.activation(self.linear1(tgt))))))
 
 
 def refine_reference(delta: Tensor, reference: Tensor) -> Tensor:
@@ -128,12 +155,15 @@ def refine_reference(delta: Tensor, reference: Tensor) -> Tensor:
 
 
 class DeformableDecoder(nn.Module):
-    """``num_layers`` deep copies of ``layer``; returns every layer's output and the reference each layer's boxes are
-    decoded against.
+    """``num_layers`` deep copies of ``layer``, run one layer at a time by :meth:`step` (the detector drives them
+    through the shared stage loop ``models/query/stages.py``, so SQR recollection applies to them as to the other
+    query detectors).
 
-    With ``bbox_embed`` (iterative refinement: one box head per layer, set by the detector) the reference is refined
-    after every layer and **detached** before the next; with ``look_forward_twice`` (H-DETR) the reference recorded for
-    layer d+1 is the non-detached refined box, so layer d+1's box loss also trains layer d's box head.
+    With iterative refinement (``step(..., bbox_embed=...)``) the reference is refined after every layer and
+    **detached** before the next; with ``look_forward_twice`` (H-DETR) the reference layer d+1's boxes are decoded
+    against is the non-detached refined box, so layer d+1's box loss also trains layer d's box head. Official
+    ``DeformableTransformerDecoder.forward`` (Deformable-DETR ``models/deformable_transformer.py``; H-DETR for
+    ``look_forward_twice``).
     """
 
     def __init__(self, layer: DeformableDecoderLayer, num_layers: int, look_forward_twice: bool = False):
@@ -142,32 +172,33 @@ class DeformableDecoder(nn.Module):
         self.num_layers = num_layers
         self.look_forward_twice = look_forward_twice
 
-    def forward(self, tgt: Tensor, reference_points: Tensor, memory: Tensor, shapes: Shapes, ratios: Tensor,
-                query_pos: Tensor, padding_mask: Tensor | None,
-                bbox_embed: nn.ModuleList | None = None) -> tuple[list[Tensor], list[Tensor]]:
-        """Run the layers.
+    def step(self, lid: int, tgt: Tensor, reference: Tensor, carry: Tensor | None, memory: Tensor, shapes: Shapes,
+             ratios: Tensor, query_pos: Tensor, padding_mask: Tensor | None,
+             bbox_embed: nn.Module | None = None) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor | None]:
+        """Run layer ``lid``.
 
         Args:
             tgt, query_pos: ``[B, Q, C]`` content and positional queries.
-            reference_points: ``[B, Q, 2]`` or ``[B, Q, 4]`` normalised (cx, cy[, w, h]).
+            reference: ``[B, Q, 2|4]`` normalised (cx, cy[, w, h]) reference entering the layer (detached after layer
+                0 with refinement). carry: the reference the layer's boxes are decoded against when it keeps a
+                gradient (look-forward-twice: the previous layer's refined box; without refinement: the learned
+                initial reference, which the attention also uses), else None.
             memory: ``[B, S, C]`` encoder output; ``ratios`` ``[B, L, 2]``; ``padding_mask`` ``[B, S]``.
-            bbox_embed: per-layer box heads (refinement) or None.
+            bbox_embed: this layer's box head (refinement) or None.
         Returns:
-            ``(hs, references)``: per layer the output ``[B, Q, C]`` and the reference ``[B, Q, 2|4]`` that the
-            **next** layer's boxes are decoded against (layer 0 decodes against the initial reference).
+            ``(hs, hs_o2m, box_reference, next_reference, next_carry)``: the layer output ``[B, Q, C]``, the
+            one-to-many tap (MS-DETR layers; None otherwise), the reference this layer's boxes are decoded against,
+            the reference entering the next layer (refined, not yet detached) and the next carry.
         """
-        hs, refs = [], []
-        for lid, layer in enumerate(self.layers):
-            scale = torch.cat([ratios, ratios], -1) if reference_points.shape[-1] == 4 else ratios
-            tgt = layer(tgt, query_pos, reference_points[:, :, None] * scale[:, None], memory, shapes, padding_mask)
-            if bbox_embed is not None:
-                refined = refine_reference(bbox_embed[lid](tgt), reference_points)
-                reference_points = refined.detach()
-                refs.append(refined if self.look_forward_twice else reference_points)
-            else:
-                refs.append(reference_points)
-            hs.append(tgt)
-        return hs, refs
+        attn_ref = carry if (bbox_embed is None and carry is not None) else reference
+        scale = torch.cat([ratios, ratios], -1) if attn_ref.shape[-1] == 4 else ratios
+        hs, hs_o2m = self.layers[lid](tgt, query_pos, attn_ref[:, :, None] * scale[:, None], memory, shapes,
+                                      padding_mask)
+        box_reference = attn_ref if carry is None else carry
+        if bbox_embed is None:
+            return hs, hs_o2m, box_reference, reference, carry
+        refined = refine_reference(bbox_embed(hs), reference)
+        return hs, hs_o2m, box_reference, refined, refined if self.look_forward_twice else None
 
 
 def encoder_proposals(memory: Tensor, padding_mask: Tensor, shapes: Shapes) -> tuple[Tensor, Tensor]:

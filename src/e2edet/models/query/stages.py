@@ -47,11 +47,17 @@ __all__ = ["QueryState", "StageStep", "stage_pass", "run_stages"]
 
 class QueryState(NamedTuple):
     """Queries entering a stage: ``content`` ``[B, N, d]`` and ``reference`` ``[B, N, 4]`` float32 box state
-    (Sparse R-CNN: xyxy pixels of the padded input; AdaMixer: xyzr). Only stage 0's reference may carry a gradient
-    (Sparse R-CNN's learnable proposal boxes); the loop detaches every later one."""
+    (Sparse R-CNN: xyxy pixels of the padded input; AdaMixer: xyzr; Deformable DETR: normalised (cx, cy, w, h), or
+    (cx, cy) ``[B, N, 2]`` without refinement). Only stage 0's reference may carry a gradient (Sparse R-CNN's
+    learnable proposal boxes); the loop detaches every later one.
+
+    ``carry``: optional ``[B, N, k]`` tensor the loop passes on **as it is** (not detached), batched and split with
+    the set like ``content``: Deformable DETR's reference for its predictions when that one keeps its gradient
+    (look-forward-twice: the refined box before detaching; without refinement: the learned initial reference)."""
 
     content: Tensor
     reference: Tensor
+    carry: Tensor | None = None
 
 
 class StageStep(Protocol):
@@ -71,7 +77,8 @@ def stage_pass(step: StageStep, stage, sets: Sequence[QueryState],
     One set: ``step`` called as is. Several sets (the SQR hook, see the module docstring): contents and references
     concatenated along dim 0, set-major (``[G·B, N, ...]``: set 0 images 0..B-1, then set 1, ...), each feature
     tensor repeated G times along dim 0, ``step`` called once, every output split back by the true batch size
-    ``B`` (the sets' batch, which ``features`` must share: never a hard-coded size, ``detr.md`` 2.9).
+    ``B`` (the sets' batch, which ``features`` must share: never a hard-coded size, ``detr.md`` 2.9). Sets whose
+    reference (or carry) shapes differ are batched in groups of one shape, the results returned in order.
 
     Args:
         step: the model's stage step. stage: the consuming stage (module or any per-stage object ``step`` takes).
@@ -79,28 +86,40 @@ def stage_pass(step: StageStep, stage, sets: Sequence[QueryState],
         features: per-image tensors ``[B, ...]`` (batch first).
 
     Returns:
-        per set, in order, ``(next_state, outputs)`` with ``next_state.reference`` **detached** (content not) and
-        ``outputs`` the stage's output dict for that set (tensors ``[B, ...]``).
+        per set, in order, ``(next_state, outputs)`` with ``next_state.reference`` **detached** (content and carry
+        not) and ``outputs`` the stage's output dict for that set (tensors ``[B, ...]``).
 
     Raises:
         ValueError: no set, or (several sets) a set or feature whose batch differs from the first set's.
     """
     if len(sets) == 1:
         state, out = step(stage, sets[0], features)
-        return [(QueryState(state.content, state.reference.detach()), out)]
+        return [(state._replace(reference=state.reference.detach()), out)]
     if not sets:
         raise ValueError("stage_pass needs at least one query set")
     batch, groups = sets[0].content.shape[0], len(sets)
-    bad = [tuple(t.shape) for t in [*features, *(x for s in sets for x in s)] if t.shape[0] != batch]
+    bad = [tuple(t.shape) for t in [*features, *(x for s in sets for x in s if x is not None)]
+           if t.shape[0] != batch]
     if bad:
         raise ValueError(f"stage_pass: every query set and feature must have the batch of {batch} images first, "
                          f"got shapes {bad}")
-    joint = QueryState(torch.cat([s.content for s in sets]), torch.cat([s.reference for s in sets]))
+    kinds = [(tuple(s.reference.shape[1:]), None if s.carry is None else tuple(s.carry.shape[1:])) for s in sets]
+    if len(set(kinds)) > 1:  # e.g. Deformable DETR: a 2-d learned reference beside 4-d refined ones: batch by kind
+        results: list = [None] * groups
+        for kind in dict.fromkeys(kinds):
+            idx = [j for j, k in enumerate(kinds) if k == kind]
+            for j, r in zip(idx, stage_pass(step, stage, [sets[j] for j in idx], features)):
+                results[j] = r
+        return results
+    joint = QueryState(torch.cat([s.content for s in sets]), torch.cat([s.reference for s in sets]),
+                       None if sets[0].carry is None else torch.cat([s.carry for s in sets]))
     repeated = [f.repeat(groups, *([1] * (f.dim() - 1))) for f in features]
     state, out = step(stage, joint, repeated)
     contents, references = state.content.split(batch), state.reference.detach().split(batch)
+    carries = [None] * groups if state.carry is None else state.carry.split(batch)
     split = {k: v.split(batch) for k, v in out.items()}
-    return [(QueryState(contents[j], references[j]), {k: v[j] for k, v in split.items()}) for j in range(groups)]
+    return [(QueryState(contents[j], references[j], carries[j]), {k: v[j] for k, v in split.items()})
+            for j in range(groups)]
 
 
 def run_stages(stages: Sequence, step: StageStep, queries: QueryState,
