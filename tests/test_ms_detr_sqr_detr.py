@@ -49,7 +49,7 @@ def test_ms_detr_layer_order_and_tap():
     ms.load_state_dict(plain.state_dict())
     tgt, pos, ref, memory, shapes, mask = _layer_inputs()
     post_ca = ms._cross_attention(tgt, pos, ref, memory, shapes, mask)
-    out, tap = ms(tgt, pos, ref, memory, shapes, mask)
+    out, tap = ms(tgt, pos, ref, memory, shapes, mask)  # modules start in training mode
     assert torch.equal(tap, post_ca)  # without the aux FFN the tap is the post-cross-attention state
     torch.testing.assert_close(out, ms._ffn(ms._self_attention(post_ca, pos)))  # CA -> SA -> FFN
     base, none = plain(tgt, pos, ref, memory, shapes, mask)
@@ -79,7 +79,11 @@ def test_o2m_branch_does_not_reach_inference(variant):
         b, c = with_aux(_images(), SIZES), without(_images(), SIZES)
     for key in ("pred_logits", "pred_boxes"):
         assert torch.equal(a[key], b[key]) and torch.equal(a[key], c[key])
-    assert not torch.equal(a["pred_logits_o2m"], b["pred_logits_o2m"])  # the tap itself did change
+    assert "pred_logits_o2m" not in a  # the tap is training-only
+    with_aux.train()  # dropout 0: same o2o outputs in training, and the tap is there
+    train_out = with_aux(_images(), SIZES)
+    torch.testing.assert_close(train_out["pred_logits"], b["pred_logits"])
+    assert train_out["stages"][0]["pred_logits_o2m"].shape == b["pred_logits"].shape
 
 
 def test_ms_detr_criterion_sets_and_weights():

@@ -171,7 +171,7 @@ class DeformableDETR(nn.Module):
         mixed_selection, look_forward_twice: the H-DETR tricks of Deformable-DETR++ (need ``two_stage``).
         ms_detr, aux_ffn: MS-DETR decoder layers (cross-attention -> self-attention -> FFN) with the one-to-many tap
             after cross-attention, through the auxiliary FFN (``aux_ffn``; spec ``detr.md`` §3.2). The tap's outputs
-            are computed in eval too (as the official code does) and ignored by the post-processor.
+            are computed in training only (the official code computes them in eval too and ignores them).
         recollection: SQR index lists (``models/query/recollection.py``), used in training only (spec ``detr.md``
             §2): every recollected set keeps its own reference (so refinement works, unlike the official
             ``QRDeformableDetrTransformerDecoder``) and is predicted by the consuming layer's heads.
@@ -184,8 +184,8 @@ class DeformableDETR(nn.Module):
     normalised (cx, cy, w, h) of the unpadded image (the DETR convention, used by the loss) and ``pred_boxes``
     ``[B, Q, 4]`` xyxy pixels of the network input; the last layer's entries at the top level; with two-stage
     ``enc_outputs`` = ``{pred_logits [B, S, K], pred_boxes_norm [B, S, 4], pred_boxes, anchors_norm [B, S, 4]}`` of
-    the encoder proposals (``anchors_norm``: the fixed proposals, normalised cxcywh). With ``ms_detr`` every stage
-    also has ``pred_logits_o2m``, ``pred_boxes_norm_o2m`` and ``pred_boxes_o2m``; in training with
+    the encoder proposals (``anchors_norm``: the fixed proposals, normalised cxcywh). With ``ms_detr``, in training,
+    every stage also has ``pred_logits_o2m``, ``pred_boxes_norm_o2m`` and ``pred_boxes_o2m``; in training with
     ``recollection`` also ``recollected`` / ``recollected_stages`` (``recollection.decode_stages``).
 
     Raises:

@@ -120,13 +120,16 @@ class DeformableDecoderLayer(nn.Module):
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor, shapes: Shapes,
                 padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``tgt``, ``query_pos`` ``[B, Q, C]``; ``reference_points`` ``[B, Q, L, 2|4]`` (times the valid ratios);
-        ``memory`` ``[B, S, C]`` -> ``(out [B, Q, C], o2m tap [B, Q, C] or None)`` (the tap only with ``ms_detr``)."""
+        ``memory`` ``[B, S, C]`` -> ``(out [B, Q, C], o2m tap [B, Q, C] or None)`` (the tap only with ``ms_detr``, in
+        training)."""
         if not self.ms_detr:
             tgt = self._self_attention(tgt, query_pos)
             tgt = self._cross_attention(tgt, query_pos, reference_points, memory, shapes, padding_mask)
             return self._ffn(tgt), None
         tgt = self._cross_attention(tgt, query_pos, reference_points, memory, shapes, padding_mask)
-        if self.aux_ffn:
+        if not self.training:  # the tap is training-only (the official code computes it in eval too, then drops it)
+            tap = None
+        elif self.aux_ffn:
             tap = self.norm4(tgt + self.dropout6(self.linear4(self.dropout5(self.activation(self.linear3(tgt))))))
         else:
             tap = tgt
