@@ -1,5 +1,5 @@
-"""ONNX export of Deformable DETR (plain, refine, two-stage, ++) through :func:`e2edet.export.export_onnx`: one graph
-with the top-k post-processing and no NMS node, the deformable attention core as ``GridSample`` (opset >= 16); the
+"""ONNX export of Deformable DETR (plain, refine, two-stage, ++; MS-DETR's layer order, with SQR) through
+:func:`e2edet.export.export_onnx`: one graph with the top-k post-processing and no NMS node, the deformable attention core as ``GridSample`` (opset >= 16); the
 batch stays dynamic and onnxruntime's detections match PyTorch's as sets (:func:`compare_detections`)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from e2edet.recipes import get_recipe
 TINY = ["model.pretrained=false", "model.num_classes=3", "model.fpn_channels=64", "model.num_queries=20",
         "model.dim_feedforward=128", "model.enc_layers=2", "model.dec_layers=2"]
 RECIPES = ["deformable_detr_mnv2_cpu", "deformable_detr_refine_mnv2_cpu", "deformable_detr_two_stage_mnv2_cpu",
-           "deformable_detr_pp_mnv2_cpu"]
+           "deformable_detr_pp_mnv2_cpu", "ms_detr_pp_mnv2_cpu", "sqr_ms_detr_refine_mnv2_cpu"]
 
 
 @pytest.mark.parametrize("name", RECIPES)
