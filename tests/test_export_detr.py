@@ -1,6 +1,7 @@
 """ONNX export of Deformable DETR (plain, refine, two-stage, ++; MS-DETR's layer order, with SQR) through
-:func:`e2edet.export.export_onnx`: one graph with the top-k post-processing and no NMS node, the deformable attention core as ``GridSample`` (opset >= 16); the
-batch stays dynamic and onnxruntime's detections match PyTorch's as sets (:func:`compare_detections`)."""
+:func:`e2edet.export.export_onnx`: one graph with the top-k post-processing and no NMS node, the deformable
+attention core as ``GridSample`` (opset >= 16); the batch stays dynamic and onnxruntime's detections match
+PyTorch's as sets (:func:`compare_detections`)."""
 
 from __future__ import annotations
 
