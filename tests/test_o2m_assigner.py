@@ -152,3 +152,19 @@ def test_errors():
     with pytest.raises(ValueError, match="labels"):
         a(torch.zeros(1, 3, 2), torch.rand(1, 3, 4), [{"boxes": torch.tensor([[0.0, 0, 5, 5]]),
                                                        "labels": torch.tensor([2]), "size": (10, 10)}])
+
+
+def test_o2m_set_is_normalised_by_the_gt_count_not_the_pairs():
+    # spec 3.4: 3 one-to-many pairs for 2 GTs -> the box terms are divided by 2
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [50.0, 50.0, 70.0, 80.0]]),
+                "labels": torch.tensor([0, 1]), "size": torch.tensor([100, 100])}]
+    boxes = torch.tensor([[[0.2, 0.2, 0.2, 0.2], [0.25, 0.2, 0.2, 0.2], [0.6, 0.65, 0.2, 0.3]]])
+    pairs = [(torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1]))]
+    gt = torch.tensor([[0.2, 0.2, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2], [0.6, 0.65, 0.2, 0.3]])
+    l1 = (boxes[0] - gt).abs().sum()
+    for normalizer, divisor in (("num_gt", 2.0), ("matched", 3.0)):
+        crit = SetCriterion(2, sets=[PredictionSet("o2m", source=None, box_format="cxcywh_norm",
+                                                   box_space="cxcywh_norm", normalizer=normalizer,
+                                                   matcher=lambda *a_, **k: pairs)])
+        losses = crit({"pred_logits": torch.zeros(1, 3, 2), "pred_boxes": boxes}, targets)
+        torch.testing.assert_close(losses["o2m_loss_bbox"], 5.0 * l1 / divisor)
