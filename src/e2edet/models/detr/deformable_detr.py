@@ -203,7 +203,6 @@ class DeformableDETR(nn.Module):
         super().__init__()
         self.lr_multipliers = dict(lr_multipliers or {})
         self.recollection = check_recollection(recollection, dec_layers)
-        self.ms_detr = ms_detr
         if (mixed_selection or look_forward_twice) and not (two_stage and with_box_refine):
             raise ValueError("mixed_selection and look_forward_twice need two_stage=True and with_box_refine=True")
         self.num_classes, self.num_queries, self.hidden_dim = num_classes, num_queries, hidden_dim
