@@ -5,6 +5,8 @@ Layout of one checkpoint directory (``tag`` is ``"last"`` or ``"best"``)::
     <run_dir>/checkpoints/<tag>/model.safetensors   weights of the unwrapped model; metadata
                                                    {"format": "e2edet-v1", "e2edet_config": <JSON run config>}
     <run_dir>/checkpoints/<tag>/state.pt            {"format", "optimizer", "scheduler", "trainer_state"}
+                                                   (+ "model": the trained weights, when model.safetensors
+                                                   holds their EMA, ``train.ema``)
 
 Both files are first written to a hidden temporary sibling (``checkpoints/.<tag>.tmp``), which then replaces
 ``<tag>``: the previous checkpoint is renamed to ``.<tag>.old`` and deleted only after the new directory is in
@@ -18,6 +20,7 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from e2edet.config_checks import ConfigError
 from e2edet.utils import error_text
 
 FORMAT = "e2edet-v1"
@@ -113,6 +117,7 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     config: dict[str, Any] | None,
+    ema: nn.Module | None = None,
 ) -> Path:
     """Atomically write ``<run_dir>/checkpoints/<tag>/`` (call on the main process only).
 
@@ -124,6 +129,9 @@ def save_checkpoint(
         trainer_state: loop state (epoch, iteration, best metric, RNG states, ...); tensors, lists, dicts,
             strings and numbers only, so it loads with ``torch.load(weights_only=True)``.
         config: JSON-serialisable run configuration stored in the weights' metadata (``None`` stores ``{}``).
+        ema: the EMA copy of ``model`` (:func:`e2edet.engine.ema.build_ema`; its ``module`` is saved), or None.
+            When given, ``model.safetensors`` holds the EMA weights (what evaluation, prediction and export use)
+            and ``state.pt`` the trained weights under ``"model"`` (for an exact resume).
     Returns:
         Path of the written checkpoint directory.
     Raises:
@@ -140,13 +148,16 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         metadata = {"format": FORMAT, "e2edet_config": json.dumps(config or {})}
-        save_file(_weights_dict(model), str(tmp / WEIGHTS_NAME), metadata=metadata)
+        deployed = model if ema is None else getattr(ema, "module", ema)
+        save_file(_weights_dict(deployed), str(tmp / WEIGHTS_NAME), metadata=metadata)
         state = {
             "format": FORMAT,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "trainer_state": trainer_state,
         }
+        if ema is not None:
+            state["model"] = _weights_dict(model)
         torch.save(state, tmp / STATE_NAME)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -279,29 +290,51 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     strict: bool = True,
+    ema: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint` (for resuming training).
 
     Args:
         path_or_dir: run dir (uses ``checkpoints/last``), checkpoint dir, or its ``model.safetensors``.
-        model: receives the weights (see :func:`load_model_weights` for ``strict``).
+        model: receives the trained weights: ``state.pt``'s ``"model"`` when the checkpoint was written with an
+            EMA, else ``model.safetensors`` (see :func:`load_model_weights` for ``strict``).
         optimizer, scheduler: if given, their states are loaded from ``state.pt`` (required then).
+        ema: the EMA copy (:func:`e2edet.engine.ema.build_ema`); its ``module`` receives ``model.safetensors``.
     Returns:
         The saved ``trainer_state`` dict (empty if only weights were requested and ``state.pt`` is absent).
     Raises:
         FileNotFoundError: missing weights, or missing ``state.pt`` when optimizer/scheduler are given.
         ValueError: unreadable/corrupt files or wrong format (the message names the file; :class:`WeightsError`
-            for the weights file).
+            for the weights file); resuming (optimizer given) a checkpoint written with an EMA without ``ema``, or
+            the other way round (the message names ``train.ema`` and the checkpoint folder).
         WeightsMismatchError (a ``RuntimeError``): weights do not match the model (strict).
     """
     file = resolve_weights_file(path_or_dir, prefer=("last", "best"))
-    state_dict, _ = load_weights(file)
-    load_model_weights(model, state_dict, strict=strict, source=file)
     state_file = file.parent / STATE_NAME
-    if not state_file.is_file():
+    state = _read_state(state_file) if state_file.is_file() else None
+    state_dict, _ = load_weights(file)
+    if state is None:
         if optimizer is not None or scheduler is not None:
             raise FileNotFoundError(f"cannot resume: {state_file} is missing (weights alone cannot resume)")
-        return {}
+        state = {}
+    trained = state.get("model")
+    if (optimizer is not None or scheduler is not None) and (ema is None) != (trained is None):
+        raise ValueError(f"cannot resume from {file.parent}: it was trained with train.ema="
+                         f"{str(trained is not None).lower()}; resume with the setting it was trained with")
+    load_model_weights(model, state_dict if trained is None else trained, strict=strict,
+                       source=file if trained is None else state_file)
+    if ema is not None:
+        load_model_weights(getattr(ema, "module", ema), state_dict, strict=strict, source=file)
+    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
+        if obj is not None:
+            if state.get(key) is None:
+                raise ValueError(f"{state_file} holds no {key} state")
+            obj.load_state_dict(state[key])
+    return dict(state.get("trainer_state") or {})
+
+
+def _read_state(state_file: Path) -> dict[str, Any]:
+    """``state.pt`` as a dict, checked for the format. Raises ValueError naming the file."""
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
@@ -309,9 +342,66 @@ def load_checkpoint(
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{state_file} has format {found!r}; expected {FORMAT!r}")
-    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
-        if obj is not None:
-            if state.get(key) is None:
-                raise ValueError(f"{state_file} holds no {key} state")
-            obj.load_state_dict(state[key])
-    return dict(state.get("trainer_state") or {})
+    return state
+
+
+@dataclass(frozen=True)
+class PartialLoad:
+    """What :func:`load_matching_weights` did: tensor names of the model loaded from the file, re-initialised
+    (``mismatched``: ``key -> (file shape, model shape)``; ``missing``: not in the file), and file tensors the model
+    does not have (``ignored``). ``str()`` is the one-line report."""
+
+    file: Path
+    total: int
+    loaded: tuple[str, ...]
+    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+    missing: tuple[str, ...]
+    ignored: tuple[str, ...]
+
+    def __str__(self) -> str:
+        line = f"loaded {len(self.loaded)}/{self.total} tensors from {self.file}"
+        reinit = len(self.mismatched) + len(self.missing)
+        if reinit:
+            shapes = [f"{k} {list(a)} vs {list(b)}" for k, (a, b) in self.mismatched.items()]
+            parts = [f"{what}: {_first(keys)}" for what, keys in (("shape mismatch", shapes),
+                                                                   ("not in the file", list(self.missing))) if keys]
+            line += f"; re-initialised {reinit} ({'; '.join(parts)})"
+        if self.ignored:
+            line += f"; ignored {len(self.ignored)} not in the model ({_first(list(self.ignored))})"
+        return line
+
+
+def load_matching_weights(model: nn.Module, path: str | Path, key: str = "train.weights") -> PartialLoad:
+    """Fine-tuning start: copy every tensor of a weights file whose name and shape fit ``model`` (wrappers removed);
+    the others (e.g. class logits of another class count) keep their fresh initialisation, as detectron2's and
+    Ultralytics' pre-trained weight loading does.
+
+    Args:
+        model: the freshly built model.
+        path: run dir (``best`` preferred over ``last``), checkpoint dir or ``.safetensors`` file.
+        key: the setting that named ``path``, for messages.
+    Returns:
+        A :class:`PartialLoad`; ``str()`` of it is the report, e.g. ``"loaded 110/114 tensors from
+        runs/a/checkpoints/best/model.safetensors; re-initialised 4 (shape mismatch: head.cls_logits.weight
+        [3, 32, 3, 3] vs [2, 32, 3, 3], ...)"`` (file shape vs model shape).
+    Raises:
+        ConfigError (a ``ValueError``): one line starting with ``key``: ``path`` does not exist or holds no weights,
+            the file is not readable safetensors, holds NaN/inf, or no tensor of it (other than scalars) fits.
+    """
+    try:
+        file = resolve_weights_file(path)
+        state_dict, _ = load_weights(file)
+    except (OSError, WeightsError) as err:
+        raise ConfigError(f"{key}: {error_text(err)}") from err
+    net = unwrap_model(model)
+    target = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    fits = [k for k in target if found.get(k) == target[k]]
+    if not any(len(target[k]) > 0 for k in fits):
+        raise ConfigError(f"{key}: no tensor of {file} fits the model ({weights_mismatch(target, found)}); "
+                          "weights of another architecture or backbone?")
+    net.load_state_dict({k: state_dict[k] for k in fits}, strict=False)
+    return PartialLoad(file=file, total=len(target), loaded=tuple(fits),
+                       mismatched={k: (found[k], target[k]) for k in target if k in found and found[k] != target[k]},
+                       missing=tuple(k for k in target if k not in found),
+                       ignored=tuple(k for k in found if k not in target))
