@@ -16,8 +16,10 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from e2edet.engine.checkpoint import load_checkpoint, save_checkpoint
+from e2edet.engine.checkpoint import (load_checkpoint, read_weights_header, resolve_weights_file, save_checkpoint,
+                                     weights_mismatch)
 from e2edet.engine.device import init_distributed
+from e2edet.engine.ema import build_ema
 from e2edet.engine.evaluator import save_results
 from e2edet.engine.logger import MetricsLogger, is_loss_key, lookup, plot_losses
 from e2edet.engine.optim import base_lr, build_optimizer, build_scheduler
@@ -80,10 +82,13 @@ class Trainer:
         train_loader: yields ``(images [B, 3, H, W], targets)`` (the collate contract) and has ``len()``; its
             sampler's ``set_epoch(epoch)`` is called at each epoch start if present.
         cfg: object with the TrainConfig fields (epochs, max_iters, optimizer, lr, ..., log_period, eval_period,
-            checkpoint_period, checkpoint_every, device, amp, seed, clip_grad_norm). ``checkpoint_period``
-            counts epochs, ``checkpoint_every`` iterations (0 = off); both write ``checkpoints/last``, and a run
-            resumed from a mid-epoch checkpoint continues exactly where it stopped (the loader's
-            :class:`~e2edet.data.loader.EpochShuffleSampler` skips the samples already seen).
+            checkpoint_period, checkpoint_every, device, amp, seed, clip_grad_norm; optional ema, ema_decay,
+            ema_tau). ``checkpoint_period`` counts epochs, ``checkpoint_every`` iterations (0 = off); both write
+            ``checkpoints/last``, and a run resumed from a mid-epoch checkpoint continues exactly where it stopped
+            (the loader's :class:`~e2edet.data.loader.EpochShuffleSampler` skips the samples already seen).
+            With ``ema`` an EMA of the weights (:mod:`e2edet.engine.ema`) is updated after every optimizer step; it
+            is what evaluation sees, what selects ``best`` and what ``model.safetensors`` of each checkpoint holds
+            (the trained weights go to ``state.pt``, so a resume is exact); see :attr:`eval_model`.
         run_dir: output directory (metrics.jsonl, loss.png, eval_epochNNN.json, checkpoints/).
         config_dict: JSON-serialisable full run config, stored in the checkpoint weights' metadata.
         evaluate_fn: ``evaluate_fn(model, epoch) -> dict`` run (on every rank, RNG-isolated, model in eval mode)
@@ -118,6 +123,8 @@ class Trainer:
         if isinstance(criterion, nn.Module):
             criterion.to(self.device)
         self.criterion = criterion
+        self.ema = build_ema(self.model, float(getattr(cfg, "ema_decay", 0.9998)),
+                             float(getattr(cfg, "ema_tau", 2000))) if getattr(cfg, "ema", False) else None
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_iters)
         self.ddp_model: nn.Module = self.model
@@ -149,23 +156,32 @@ class Trainer:
         return {"epoch": self.epoch, "iteration": self.iteration, "total_iters": self.total_iters,
                 "num_epochs": self.num_epochs, "iters_per_epoch": self.iters_per_epoch,
                 "world_size": get_world_size(), "best_metric": self.best, "best_metric_name": self.best_metric,
-                "rng": capture_rng_state()}
+                "rng": capture_rng_state(), **({} if self.ema is None else {"ema_updates": int(self.ema.n_averaged)})}
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights evaluation sees and checkpoints deploy: the EMA's module with ``train.ema``, else the model
+        (unwrapped)."""
+        return self.model if self.ema is None else self.ema.module
 
     def save(self, tag: str) -> None:
         """Write ``checkpoints/<tag>`` on the main process (atomic, see :mod:`e2edet.engine.checkpoint`)."""
         self._saved[tag] = self.iteration
         if is_main_process():
             save_checkpoint(self.run_dir, tag, self.model, self.optimizer, self.scheduler, self.trainer_state(),
-                            self.config_dict)
+                            self.config_dict, ema=self.ema)
 
     def resume(self, path: str | Path) -> None:
-        """Restore model, optimizer, scheduler, counters, best metric and RNG from a checkpoint or run dir.
+        """Restore model, EMA, optimizer, scheduler, counters, best metric and RNG from a checkpoint or run dir.
 
         Rank 0 gets the saved RNG state; other ranks are re-seeded from ``(seed, rank, epoch)``.
         Raises:
+            ValueError: the checkpoint's model has other classes than ``config_dict`` (``model.class_names``), or
+                another schedule, dataset size or number of processes (one line naming ``path``).
             FileNotFoundError, ValueError, RuntimeError: see :func:`e2edet.engine.checkpoint.load_checkpoint`.
         """
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, strict=True)
+        self._check_classes(path)
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, strict=True, ema=self.ema)
         self.epoch, self.iteration = int(state.get("epoch", 0)), int(state.get("iteration", 0))
         saved = {k: int(state.get(k, now)) for k, now in (("total_iters", self.total_iters), ("iters_per_epoch",
                  self.iters_per_epoch), ("world_size", get_world_size()))}
@@ -178,6 +194,8 @@ class Trainer:
                              f"{differ or 'another schedule'}; resume with the dataset, batch size, number of "
                              f"processes and schedule it was trained with")
         self.best = state.get("best_metric")
+        if self.ema is not None:
+            self.ema.n_averaged.fill_(int(state.get("ema_updates", self.iteration)))
         self._resumed = True
         self.logger.truncate_after(self.iteration)
         if get_rank() == 0 and "rng" in state:
@@ -186,6 +204,19 @@ class Trainer:
             seed_everything(int(self.cfg.seed) + 1000 * get_rank() + self.epoch)
         if is_main_process():
             print(f"resumed from {path}: epoch {self.epoch}, iteration {self.iteration}/{self.total_iters}")
+
+    def _check_classes(self, path: str | Path) -> None:
+        """Refuse to resume a checkpoint trained on other classes than this run's (``config_dict``), with one line
+        naming ``path`` and the fine-tuning alternative, before any tensor is read."""
+        file, shapes, saved = read_weights_header(resolve_weights_file(path, prefer=("last", "best")))
+        old = ((saved or {}).get("model") or {}).get("class_names")
+        new = ((self.config_dict or {}).get("model") or {}).get("class_names")
+        if old and new and list(old) != list(new):
+            differ = weights_mismatch({k: tuple(v.shape) for k, v in self.model.state_dict().items()}, shapes)
+            raise ValueError(f"cannot resume from {path}: its model was trained on {len(old)} classes {list(old)}, "
+                             f"this run has {len(new)} {list(new)}" + (f" ({file}: does not match the model: "
+                             f"{differ})" if differ else "") + f"; to train on other classes start a new run from "
+                             f"those weights with train.weights={path} (alias weights=)")
 
     # ------------------------------------------------------------------ loop
     def fit(self, resume: str | Path | None = None, stop_epoch: int | None = None) -> dict[str, Any]:
@@ -272,8 +303,10 @@ class Trainer:
         window: dict[str, float] = {}
         count, epoch_time = 0, 0.0
         log_period = max(1, int(self.cfg.log_period))
-        bar = tqdm(total=num_iters, desc=f"epoch {epoch + 1}/{self.num_epochs}", dynamic_ncols=True,
-                   disable=not (self.progress and is_main_process()))
+        # the bar counts the whole epoch (the last one of a max_iters run may be shorter); a resumed epoch starts
+        # at the iterations it had done, so it reads e.g. "epoch 2/3: 4/10" and not "0/6"
+        bar = tqdm(total=start + num_iters, initial=start, desc=f"epoch {epoch + 1}/{self.num_epochs}",
+                   dynamic_ncols=True, disable=not (self.progress and is_main_process()))
         try:
             end = time.perf_counter()
             batches = iter(self.loader)
@@ -362,6 +395,8 @@ class Trainer:
         norm = self._clip_gradients(float(getattr(self.cfg, "clip_grad_norm", 0.0) or 0.0), epoch)
         values["grad_norm"] = norm
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.scheduler.step()
         return values
 
@@ -414,7 +449,7 @@ class Trainer:
         with preserve_rng_state():
             self.model.eval()
             try:
-                result = dict(self.evaluate_fn(self.model, done))
+                result = dict(self.evaluate_fn(self.eval_model, done))
             finally:
                 self.model.train()
         self.last_eval = result
