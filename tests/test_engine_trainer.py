@@ -8,6 +8,7 @@ import math
 import os
 import signal
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -309,3 +310,37 @@ def test_non_finite_gradient_stops_before_the_update(tmp_path, clip):
         trainer.fit()
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("bn."))
+
+
+class _Bar:
+    """Records the (description, start, total) of each progress bar the trainer opens."""
+
+    opened: ClassVar[list] = []
+
+    def __init__(self, total=None, initial=0, desc=None, **kwargs):
+        self.opened.append((desc, initial, total))
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("epochs, max_iters, signal_at, bars", [
+    (3, 0, 5, [("epoch 2/3", 2, 3), ("epoch 3/3", 0, 3)]),  # mid-epoch: 2 of epoch 2's 3 iterations done
+    (0, 4, 1, [("epoch 1/2", 1, 3), ("epoch 2/2", 0, 1)]),  # max_iters: the last epoch is 1 iteration long
+    (0, 2, 1, [("epoch 1/1", 1, 2)]),  # max_iters shorter than an epoch
+])
+def test_resumed_progress_bar_counts_the_whole_epoch(tmp_path, monkeypatch, epochs, max_iters, signal_at, bars):
+    monkeypatch.setattr("e2edet.engine.trainer.tqdm", _Bar)
+    monkeypatch.setattr(_Bar, "opened", [])
+    cfg = make_cfg(epochs=epochs, max_iters=max_iters, checkpoint_period=0, eval_period=0)
+    with pytest.raises(TrainingInterrupted):
+        _seeded_trainer(tmp_path, cfg, criterion=SignalAt(signal_at)).fit()
+    _Bar.opened.clear()
+    _seeded_trainer(tmp_path, cfg).fit(resume=tmp_path)
+    assert _Bar.opened == bars
