@@ -17,7 +17,7 @@ import yaml
 from e2edet.data.errors import dataset_error, read_text
 from e2edet.data.validate import decode_image_size
 
-__all__ = ["read_class_names", "yolo_to_coco", "YOLO_TOLERANCE"]
+__all__ = ["read_class_names", "yolo_to_coco", "yolo_pairs_to_coco", "YOLO_TOLERANCE", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 YOLO_TOLERANCE = 1e-3
@@ -127,16 +127,38 @@ def yolo_to_coco(
             labels_dir, "folder", f"has no label file for any of the {len(images)} images in {images_dir} "
             f"(expected <image stem>.txt, e.g. {images[0].stem}.txt)"
         )
+    pairs = [(image, labels_dir / f"{image.stem}.txt", image.name) for image in images]
+    coco = yolo_pairs_to_coco(pairs, class_names, f"YOLO labels {labels_dir}")
+    stems = {p.stem for p in images}
+    orphans = sorted(p.name for p in labels_dir.glob("*.txt") if p.stem not in stems) if labels_dir.is_dir() else []
+    orphans = [n for n in orphans if n != "classes.txt"]
+    if orphans:
+        message = f"{labels_dir}: {len(orphans)} label file(s) without an image: {orphans[:5]}"
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return coco
+
+
+def yolo_pairs_to_coco(
+    pairs: Sequence[tuple[Path, Path, str]], class_names: Sequence[str], description: str
+) -> dict:
+    """COCO detection dict of ``(image file, label file, file_name)`` triples (YOLO label format, module doc).
+
+    ``file_name`` is what the COCO record stores (relative to the image root the dataset is read from). An image
+    whose label file does not exist has no boxes (a background image). Image ids are ``1..N`` in ``pairs`` order,
+    categories ``1..K`` in class order, ``bbox`` COCO ``[x, y, w, h]`` pixels clipped to the decoded image.
+
+    Raises:
+        DatasetError: an unreadable, empty or truncated image, or a bad label line (see :func:`yolo_to_coco`).
+    """
     coco: dict = {
-        "info": {"description": f"converted from YOLO labels {labels_dir}"},
+        "info": {"description": f"converted from {description}"},
         "images": [],
         "annotations": [],
         "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)],
     }
-    for image_id, image in enumerate(images, start=1):
+    for image_id, (image, label_file, file_name) in enumerate(pairs, start=1):
         width, height = decode_image_size(image)  # decodes the whole file: truncated images are rejected
-        coco["images"].append({"id": image_id, "file_name": image.name, "width": width, "height": height})
-        label_file = labels_dir / f"{image.stem}.txt"
+        coco["images"].append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         if not label_file.is_file():
             continue
         text = read_text(label_file)
@@ -152,10 +174,4 @@ def yolo_to_coco(
                 "id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": cls + 1,
                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
             })
-    stems = {p.stem for p in images}
-    orphans = sorted(p.name for p in labels_dir.glob("*.txt") if p.stem not in stems) if labels_dir.is_dir() else []
-    orphans = [n for n in orphans if n != "classes.txt"]
-    if orphans:
-        message = f"{labels_dir}: {len(orphans)} label file(s) without an image: {orphans[:5]}"
-        warnings.warn(message, UserWarning, stacklevel=2)
     return coco
