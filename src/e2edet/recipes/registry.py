@@ -6,6 +6,7 @@ the registry and the package imports the recipe modules, without an import cycle
 
 from __future__ import annotations
 
+import difflib
 from typing import Callable
 
 from e2edet.config import Config, ConfigError, validate
@@ -37,10 +38,12 @@ def get_recipe(name: str) -> Config:
     """A new, validated :class:`Config` of recipe ``name``.
 
     Raises:
-        ConfigError: unknown recipe name (the message lists the known ones).
+        ConfigError: unknown recipe name (the message suggests up to 3 close names, ``difflib``).
     """
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown recipe '{name}'; known recipes: {', '.join(_REGISTRY)} (see `e2edet recipes`)")
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else "a recipe name or a config .yaml file"
+        raise ConfigError(f"unknown recipe '{name}': {hint} (`e2edet recipes` lists all {len(_REGISTRY)})")
     cfg = _REGISTRY[name]()
     validate(cfg, f"recipe {name}")
     return cfg
