@@ -98,13 +98,15 @@ def test_tie_tolerance_is_tighter_than_score_tolerance():
     assert compare_detections(ref, got, tie_tol=1e-4) == []
 
 
-@pytest.mark.parametrize("text, size", [("416x576", (416, 576)), ("32X64", (32, 64)), (" 64 x 96 ", (64, 96))])
+@pytest.mark.parametrize("text, size", [("416x576", (416, 576)), ("32X64", (32, 64)), (" 64 x 96 ", (64, 96)),
+                                        ("416", (416, 416)), (" 96 ", (96, 96))])
 def test_parse_size(text, size):
     assert parse_size(text) == size
 
 
 @pytest.mark.parametrize("text, message", [
-    ("416", r"--size '416': expected HEIGHTxWIDTH"), ("axb", "expected HEIGHTxWIDTH"), ("-32x64", "HEIGHTxWIDTH"),
+    ("416x", r"--size '416x': expected N \(square\) or HEIGHTxWIDTH"), ("axb", "expected N"), ("-32x64", "HEIGHTxWIDTH"),
+    ("", "expected N"), ("416x576x3", "expected N"), ("100", "--size 100x100: height and width must be multiples"),
     ("0x0", "--size 0x0: height and width must be multiples of 32"), ("190x256", "e.g. 192x256"),
     ("32x99999", "between 32 and 8192"),
 ])
