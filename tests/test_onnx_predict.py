@@ -107,3 +107,27 @@ def test_deformable_detr_is_fixed_size_with_image_sizes(bccd_root, tmp_path):
     ref = torch_pred(image)[0]
     assert len(got["scores"]) == len(ref["scores"]) == 60  # 20 queries x 3 classes, no threshold
     assert compare_detections(_as_batch(ref), _as_batch(got)) == []
+
+
+def test_static_export_and_coco_ids_from_a_dataset_file(dense_run, bccd_root, tmp_path, capsys):
+    path = tmp_path / "static.onnx"
+    assert main(["export", str(dense_run), "--out", str(path), "--size", "192x256", "--static"]) == 0
+    assert "images [B, 3, 192, 256]" in capsys.readouterr().out
+    dims = [d.dim_param or d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, 192, 256]
+    onnx_pred = OnnxPredictor(path)
+    assert onnx_pred.preprocess.fixed_size == (192, 256) and onnx_pred.metadata["dynamic_size"] is False
+    image_file = bccd_root / "JPEGImages" / "BloodImage_00000.jpg"
+    ref = Predictor.from_weights(dense_run, device="cpu")(image_file)[0]  # resized to 192 x 256: the same input
+    assert compare_detections(_as_batch(ref), _as_batch(onnx_pred(image_file)[0])) == []
+
+    ann = {"images": [{"id": 42, "file_name": image_file.name, "height": 480, "width": 640}], "annotations": [],
+           "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    out = tmp_path / "pred"
+    assert main(["predict", str(path), str(image_file), "--out", str(out), "--no-draw", "--coco-ann",
+                 str(tmp_path / "ann.json")]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results and {r["image_id"] for r in results} == {42} and not (out / "images.json").exists()
+    assert main(["predict", str(path), str(image_file), "--coco-ann", str(tmp_path / "no.json")]) == 2
+    assert "--coco-ann" in capsys.readouterr().err
