@@ -82,7 +82,7 @@ def _one_image(item: Any, what: str) -> list[torch.Tensor]:
         if item.ndim != 3 or item.shape[2] != 3 or 0 in item.shape:
             raise ValueError(f"{what}: numpy array of shape {item.shape}; expected H x W x 3 RGB (channels last; "
                              "a [3, H, W] array: pass torch.from_numpy(a))")
-        return [torch.from_numpy(np.ascontiguousarray(item)).permute(2, 0, 1).contiguous()]
+        return [torch.from_numpy(np.array(item, order="C")).permute(2, 0, 1).contiguous()]  # a copy: may be read-only
     if isinstance(item, torch.Tensor):
         if item.dtype != torch.uint8:
             raise ValueError(f"{what}: tensor of dtype {item.dtype}; expected torch.uint8 RGB values 0..255 "
