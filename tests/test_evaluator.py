@@ -195,9 +195,15 @@ def test_evaluate_reports_diagnostics(tmp_path):
     for image_id in (7, 8):
         target = {"image_id": image_id, "size": torch.tensor([32, 32]), "orig_size": torch.tensor([64, 64])}
         loader.append((torch.full((1, 3, 32, 32), float(image_id)), [target]))
-    png = tmp_path / "plots" / "reliability.png"
+    png, pr_png = tmp_path / "plots" / "reliability.png", tmp_path / "plots" / "pr_curve.png"
     res = evaluate(_FixedDetector(table), _postprocess, loader, "cpu", gt, [1], nms_iou=0.6, progress=False,
-                   plot_path=png)
+                   plot_path=png, pr_curve_path=pr_png)
+    # per class: no NMS TP (0.93), duplicate (0.87), TP (0.82) at every IoU -> (51 + 50 * 2/3) / 101; NMS: 100
+    per_class = res["per_class"]
+    assert [(r["name"], r["num_gt"]) for r in per_class["no_nms"]] == [("cell", 2)]
+    assert per_class["no_nms"][0]["AP"] == pytest.approx(100 * (51 + 100 / 3) / 101) == res["no_nms"]["AP"]
+    assert per_class["nms"][0]["AP50"] == pytest.approx(100.0) and per_class["nms"][0]["AP"] == pytest.approx(100.0)
+    assert pr_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     no_nms, nms = res["diagnostics"]["no_nms"], res["diagnostics"]["nms"]
     # no NMS: 3 confident detections, 1 duplicate -> 33.3 %; NMS: 2 confident, none
     assert (no_nms["num_confident"], no_nms["num_duplicates"]) == (3, 1)

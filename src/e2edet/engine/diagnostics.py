@@ -302,3 +302,66 @@ def plot_reliability(bins_by_model: Mapping[str, Mapping[str, Any]], path: str |
     with atomic_open(out, "wb") as f:
         fig.savefig(f, format="png")
     return out
+
+
+def plot_pr_curves(curves_by_model: Mapping[str, Mapping[str, Any]], path: str | Path,
+                   title: str = "Precision-recall") -> Path:
+    """Draw per-class precision-recall curves, one row per model, as a PNG (Ultralytics ``PR_curve.png`` style).
+
+    Left column: precision against recall at IoU 0.5; right column: precision averaged over the IoU thresholds
+    0.5:0.95. Each panel has one thin line per class with ground truth (labelled with its AP when there are at
+    most 20 classes, plain grey otherwise) and a bold line for the mean over those classes; the area under a line
+    is its AP (COCO's 101-point interpolated precision).
+
+    Args:
+        curves_by_model: ``{name: curves}``, ``curves`` as returned by
+            :meth:`e2edet.engine.evaluator.CocoEvaluator.pr_curves` (``"iou_thresholds"`` [T], ``"recall"`` [R],
+            ``"precision"`` [T, R, K] with -1 for a class without ground truth, ``"names"`` [K]).
+        path: output PNG path; written to a temporary sibling and renamed (atomic).
+        title: figure title.
+    Returns:
+        ``path`` as a Path.
+    Raises:
+        ValueError: no model, a model's dict lacks a key, or the array shapes disagree.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not curves_by_model:
+        raise ValueError("plot_pr_curves needs at least one model")
+    fig = Figure(figsize=(11, 4.5 * len(curves_by_model)), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(curves_by_model), 2, squeeze=False)
+    for (name, curves), (left, right) in zip(curves_by_model.items(), axes):
+        missing = [k for k in ("iou_thresholds", "recall", "precision", "names") if k not in curves]
+        if missing:
+            raise ValueError(f"model {name!r}: precision-recall curves lack {missing}")
+        ious = np.asarray(curves["iou_thresholds"], dtype=np.float64)
+        recall = np.asarray(curves["recall"], dtype=np.float64)
+        precision = np.asarray(curves["precision"], dtype=np.float64)
+        names = list(curves["names"])
+        if precision.shape != (len(ious), len(recall), len(names)):
+            raise ValueError(f"model {name!r}: precision has shape {precision.shape}, expected "
+                             f"{(len(ious), len(recall), len(names))} (IoU thresholds, recall points, classes)")
+        valid = (precision > -1).all(axis=(0, 1))  # classes with ground truth
+        at50 = int(np.argmin(np.abs(ious - 0.5)))
+        for ax, per_class, what in ((left, precision[at50], f"IoU {ious[at50]:.2f}"),
+                                    (right, precision.mean(axis=0), f"IoU {ious[0]:.2f}:{ious[-1]:.2f} mean")):
+            labelled = valid.sum() <= 20
+            for k in np.flatnonzero(valid):
+                ap = 100.0 * per_class[:, k].mean()
+                ax.plot(recall, per_class[:, k], linewidth=1.0, alpha=0.8 if labelled else 0.4,
+                        color=None if labelled else "gray", label=f"{names[k]} {ap:.1f}" if labelled else None)
+            if valid.any():
+                mean = per_class[:, valid].mean(axis=1)
+                ax.plot(recall, mean, linewidth=3.0, color="tab:blue" if not labelled else "black",
+                        label=f"all classes {100.0 * mean.mean():.1f}")
+                ax.legend(loc="lower left", fontsize="small", title="AP (%)", title_fontsize="small")
+            ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision", title=f"{name}, {what}")
+            ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path)
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format="png")
+    return out

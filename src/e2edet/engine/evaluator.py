@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from faster_coco_eval import COCOeval_faster
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from e2edet.engine.coco_utils import as_coco, quiet_print
 from e2edet.engine.crowd_metrics import crowd_metrics
-from e2edet.engine.diagnostics import diagnostics, plot_reliability
+from e2edet.engine.diagnostics import diagnostics, plot_pr_curves, plot_reliability
 from e2edet.utils.dist import get_world_size, is_dist, is_main_process
 from e2edet.utils.io import atomic_write_json
 
@@ -53,6 +54,7 @@ class CocoEvaluator:
         self._gt_image_ids = set(self.coco_gt.getImgIds())
         self._per_image: dict[int, list[dict[str, Any]]] = {}
         self._synced = False
+        self._curves: dict[str, Any] | None = None
 
     def update(self, image_ids: Iterable[int], predictions: Sequence[Mapping[str, torch.Tensor]]) -> None:
         """Add the detections of a batch (adding an image again replaces its earlier detections).
@@ -84,6 +86,7 @@ class CocoEvaluator:
                 for box, score, lab in zip(xywh, scores, labels)
             ]
         self._synced = False
+        self._curves = None
 
     def synchronize(self) -> None:
         """Merge detections from all ranks (collective under DDP; the first rank holding an image wins)."""
@@ -117,15 +120,81 @@ class CocoEvaluator:
         """
         self.synchronize()
         dets = self.detections()
+        image_ids = self.image_ids or sorted(self._gt_image_ids)
         if not dets:
+            self._curves = self._curves_from(None, image_ids)
             return {name: 0.0 for name in METRIC_NAMES}
         coco_dt = self.coco_gt.loadRes(dets)
         coco_eval = COCOeval_faster(self.coco_gt, coco_dt, iouType="bbox", print_function=quiet_print)
-        coco_eval.params.imgIds = self.image_ids or sorted(self._gt_image_ids)
+        coco_eval.params.imgIds = image_ids
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
+        self._curves = self._curves_from(coco_eval, image_ids)
         return {name: (float(v) * 100.0 if v >= 0 else -1.0) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
+
+    def _curves_from(self, coco_eval: Any, image_ids: Sequence[int]) -> dict[str, Any]:
+        """:meth:`pr_curves` from an accumulated ``COCOeval`` (``None``: no detection, precision 0)."""
+        order = list(dict.fromkeys(self.label_to_cat_id)) + sorted(set(self.coco_gt.getCatIds())
+                                                                   - set(self.label_to_cat_id))
+        images = set(image_ids)
+        num_gt = dict.fromkeys(order, 0)
+        for ann in self.coco_gt.dataset.get("annotations", []):
+            if int(ann["image_id"]) in images and not ann.get("iscrowd", 0) and int(ann["category_id"]) in num_gt:
+                num_gt[int(ann["category_id"])] += 1
+        if coco_eval is None:
+            ious, recall = np.linspace(0.5, 0.95, 10), np.linspace(0.0, 1.0, 101)
+            precision = np.zeros((len(ious), len(recall), len(order)))
+            precision[:, :, [num_gt[c] == 0 for c in order]] = -1.0
+        else:
+            p = coco_eval.params
+            ious, recall = np.asarray(p.iouThrs, dtype=np.float64), np.asarray(p.recThrs, dtype=np.float64)
+            column = {int(c): k for k, c in enumerate(p.catIds)}
+            # precision [T, R, K, A, M]: area range "all", the largest maxDets (100), categories in label order
+            full = np.asarray(coco_eval.eval["precision"], dtype=np.float64)
+            precision = full[:, :, [column[c] for c in order], p.areaRngLbl.index("all"), -1]
+        names = {int(c["id"]): str(c.get("name", c["id"])) for c in self.coco_gt.loadCats(order)}
+        return {"iou_thresholds": ious, "recall": recall, "precision": precision, "category_ids": order,
+                "names": [names[c] for c in order], "num_gt": [num_gt[c] for c in order]}
+
+    def pr_curves(self) -> dict[str, Any]:
+        """COCO's interpolated precision-recall curves of the last :meth:`summarize`, per class.
+
+        Returns:
+            ``{"iou_thresholds": [T] float (0.5 ... 0.95), "recall": [R] float (the 101 recall points 0 ... 1),
+            "precision": [T, R, K] float in [0, 1] (area range "all", up to 100 detections per image; -1 for a
+            class without ground truth), "category_ids": [K], "names": [K], "num_gt": [K] non-crowd GT boxes}``
+            (NumPy arrays and lists), classes in label order (``label_to_cat_id``), then any other ground-truth
+            category. The mean of ``precision[t, :, k]`` is the AP of class ``k`` at IoU threshold ``t``.
+        Raises:
+            RuntimeError: :meth:`summarize` was not called since the last :meth:`update`.
+        """
+        if self._curves is None:
+            raise RuntimeError("CocoEvaluator.pr_curves() needs summarize() first")
+        return self._curves
+
+
+def per_class_ap(curves: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per-class AP (IoU 0.50:0.95) and AP50 from :meth:`CocoEvaluator.pr_curves`, the detectron2 way.
+
+    AP of class ``k`` is the mean of ``precision[:, :, k]`` over its valid entries (> -1), AP50 the mean of the
+    row at IoU 0.5; COCO's AP is the mean of these over the classes with ground truth.
+
+    Returns:
+        One ``{"category_id", "name", "num_gt", "AP", "AP50"}`` per class, in the order of ``curves``; AP and
+        AP50 in percent (0-100), ``None`` for a class without ground truth in the evaluated images.
+    """
+    precision = np.asarray(curves["precision"], dtype=np.float64)
+    at50 = int(np.argmin(np.abs(np.asarray(curves["iou_thresholds"], dtype=np.float64) - 0.5)))
+    rows = []
+    for k, (cat_id, name, num_gt) in enumerate(zip(curves["category_ids"], curves["names"], curves["num_gt"])):
+        values = []
+        for p in (precision[:, :, k], precision[at50, :, k]):
+            p = p[p > -1]
+            values.append(float(p.mean()) * 100.0 if p.size else None)
+        rows.append({"category_id": int(cat_id), "name": str(name), "num_gt": int(num_gt), "AP": values[0],
+                     "AP50": values[1]})
+    return rows
 
 
 @torch.no_grad()
@@ -140,6 +209,7 @@ def evaluate(
     return_detections: bool = False,
     progress: bool = True,
     plot_path: str | Path | None = None,
+    pr_curve_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """COCO AP and end-to-end diagnostics of ``model`` with and without NMS, running the model once per batch.
 
@@ -158,14 +228,19 @@ def evaluate(
         progress: show a progress bar on the main process.
         plot_path: if given, the main process writes the reliability diagram of both columns there (PNG, see
             :func:`e2edet.engine.diagnostics.plot_reliability`).
+        pr_curve_path: if given, the main process writes the per-class precision-recall curves of both columns
+            there (PNG, IoU 0.5 and the mean over IoU 0.5:0.95, see
+            :func:`e2edet.engine.diagnostics.plot_pr_curves`).
     Returns:
         ``{"no_nms": metrics, "nms": metrics, "nms_iou": nms_iou, "num_images": n, "seconds": wall time,
-        "diagnostics": {"no_nms": diag, "nms": diag}, "crowd": {"no_nms": crowd, "nms": crowd}}`` (metrics as in
+        "diagnostics": {"no_nms": diag, "nms": diag}, "crowd": {"no_nms": crowd, "nms": crowd},
+        "per_class": {"no_nms": rows, "nms": rows}}`` (metrics as in
         :meth:`CocoEvaluator.summarize`, ``diag`` as in :func:`e2edet.engine.diagnostics.diagnostics` with its
         defaults: IoU 0.5, duplicates among scores >= 0.3, 20 calibration bins; ``crowd`` = AP50, mMR and recall
         of the CrowdHuman protocol, :func:`e2edet.engine.crowd_metrics.crowd_metrics`, class-aware on multi-class
-        data; ``None`` when the ground truth has no non-crowd box). Under DDP every rank returns the same numbers (computed from the
-        detections gathered by the collective :meth:`CocoEvaluator.summarize`).
+        data; ``None`` when the ground truth has no non-crowd box; ``rows`` as in :func:`per_class_ap`). Under
+        DDP every rank returns the same numbers (computed from the detections gathered by the collective
+        :meth:`CocoEvaluator.summarize`).
     """
     device = torch.device(device)
     was_training = model.training
@@ -186,6 +261,7 @@ def evaluate(
     results: dict[str, Any] = {"no_nms": plain.summarize(), "nms": with_nms.summarize(), "nms_iou": nms_iou,
                                "num_images": len(plain.image_ids), "seconds": time.perf_counter() - start}
     # summarize() synchronised both evaluators (collective), so every rank holds all detections here
+    results["per_class"] = {"no_nms": per_class_ap(plain.pr_curves()), "nms": per_class_ap(with_nms.pr_curves())}
     results["diagnostics"] = {"no_nms": diagnostics(plain.coco_gt, plain.detections()),
                               "nms": diagnostics(with_nms.coco_gt, with_nms.detections())}
     has_gt = any(not a.get("iscrowd", 0) for a in plain.coco_gt.dataset.get("annotations", []))
@@ -195,17 +271,57 @@ def evaluate(
         plot_reliability({"no NMS": results["diagnostics"]["no_nms"],
                           f"NMS {nms_iou:g}": results["diagnostics"]["nms"]}, plot_path,
                          title=f"Reliability (TP at IoU >= 0.5), {results['num_images']} images")
+    if pr_curve_path is not None and is_main_process():
+        plot_pr_curves({"no NMS": plain.pr_curves(), f"NMS {nms_iou:g}": with_nms.pr_curves()}, pr_curve_path,
+                       title=f"Precision-recall, {results['num_images']} images")
     if return_detections:
         results["detections"] = plain.detections()
     return results
 
 
-def format_results_table(results: Mapping[str, Any]) -> str:
+def format_results_table(results: Mapping[str, Any], per_class: bool = True) -> str:
     """Text table of :func:`evaluate` results, columns "no NMS" and "NMS <iou>".
 
     Rows AP ... AR100, then "dup%" (duplicate rate, percent) and "ECE" (percent) from ``results["diagnostics"]``,
     and "mMR" / "recall" (CrowdHuman protocol, percent) from ``results["crowd"]``; a missing value shows as "-".
+    With ``per_class`` and more than one class in ``results["per_class"]``, :func:`format_per_class_table`
+    follows after a blank line.
     """
+    main = _main_table(results)
+    rows = (results.get("per_class") or {}).get("no_nms") or []
+    return f"{main}\n\n{format_per_class_table(results)}" if per_class and len(rows) > 1 else main
+
+
+def format_per_class_table(results: Mapping[str, Any]) -> str:
+    """Per-class table of :func:`evaluate` results: class name, GT boxes, AP and AP50 without and with NMS.
+
+    Reads ``results["per_class"]`` (:func:`per_class_ap` rows per column); a missing value shows as "-", a
+    class name longer than 20 characters is cut. Empty string when the results have no per-class rows.
+    """
+    block = results.get("per_class") or {}
+    columns = [block.get("no_nms") or [], block.get("nms") or []]
+    if not any(columns):
+        return ""
+    by_id = [{r["category_id"]: r for r in rows} for rows in columns]
+    ids = list(dict.fromkeys(r["category_id"] for rows in columns for r in rows))
+    names = {r["category_id"]: str(r["name"])[:20] for rows in columns for r in rows}
+    width = max(8, *(len(n) + 1 for n in names.values()))
+    nms_name = f"NMS {results.get('nms_iou', 0.6):g}"
+    lines = [f"{'':<{width}}{'':>7}{'no NMS':>16}{nms_name:>16}",
+             f"{'class':<{width}}{'GT':>7}" + f"{'AP':>8}{'AP50':>8}" * 2]
+    for cat_id in ids:
+        cells, num_gt = [], None
+        for table in by_id:
+            row = table.get(cat_id) or {}
+            num_gt = row.get("num_gt", num_gt)
+            cells += ["-" if row.get(key) is None else f"{row[key]:.1f}" for key in ("AP", "AP50")]
+        lines.append(f"{names[cat_id]:<{width}}{'-' if num_gt is None else num_gt:>7}"
+                     + "".join(f"{c:>8}" for c in cells))
+    return "\n".join(lines)
+
+
+def _main_table(results: Mapping[str, Any]) -> str:
+    """The metric rows of :func:`format_results_table`."""
     nms_name = f"NMS {results.get('nms_iou', 0.6):g}"
     lines = [f"{'metric':<8}{'no NMS':>10}{nms_name:>10}"]
     for row in TABLE_ROWS:
