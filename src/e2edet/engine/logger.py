@@ -7,19 +7,27 @@ Record types written by the trainer (one JSON object per line):
   iterations (1-based), ``epoch`` is 0-based, ``time``/``data_time`` are seconds per iteration.
 * ``{"type": "eval", "iteration", "epoch", ...}``: the dict returned by the evaluation function (``epoch`` is
   the number of finished epochs).
+
+With ``train.tensorboard: true`` the same records also go to TensorBoard event files in ``<run_dir>/tensorboard/``
+(:class:`MetricsLogger`, ``tensorboard --logdir <run_dir>``), at step = ``iteration``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from e2edet.config_checks import ConfigError
 from e2edet.utils.io import atomic_open, atomic_write_text
+
+TENSORBOARD_INSTALL = "pip install tensorboard"
+"""The command that makes ``train.tensorboard`` work (named in the error when the package is missing)."""
 
 
 def _plain(value: Any) -> Any:
@@ -37,35 +45,120 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or ``None`` (bools, strings, lists, NaN, and COCO's -1 "undefined")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == -1:
+        return None
+    return float(value)
+
+
+def tensorboard_scalars(record: Mapping[str, Any]) -> Iterator[tuple[str, float]]:
+    """The ``(tag, value)`` pairs of a metrics record that :class:`MetricsLogger` sends to TensorBoard.
+
+    Train records: every number but ``iteration``/``epoch`` as ``train/<key>`` (losses, ``total_loss``, ``lr``,
+    statistics, times). Eval records: every number of the nested dicts as ``eval/<dotted path with />``
+    (``eval/no_nms/AP``, ``eval/nms/AP50``, ``eval/diagnostics/no_nms/ece``, ...), lists left out, and the
+    per-class rows (``record["per_class"][column]``, see :func:`e2edet.engine.evaluator.per_class_ap`) as
+    ``eval_per_class/<column>/<AP|AP50>/<class name>``. Values that are not finite numbers, and -1 (a COCO
+    metric left undefined), are skipped. ``record`` holds plain values (see :func:`_plain`).
+    """
+    kind = record.get("type")
+    if kind == "train":
+        for key, value in record.items():
+            if key not in ("iteration", "epoch") and (number := _number(value)) is not None:
+                yield f"train/{key}", number
+    elif kind == "eval":
+        def walk(node: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, float]]:
+            for key, value in node.items():
+                if isinstance(value, Mapping):
+                    yield from walk(value, f"{prefix}/{key}")
+                elif (number := _number(value)) is not None:
+                    yield f"{prefix}/{key}", number
+
+        yield from walk({k: v for k, v in record.items() if k not in ("type", "iteration", "epoch", "per_class")},
+                        "eval")
+        for column, rows in (record.get("per_class") or {}).items():
+            for row in rows if isinstance(rows, list) else []:
+                for key in ("AP", "AP50"):
+                    if isinstance(row, Mapping) and (number := _number(row.get(key))) is not None:
+                        yield f"eval_per_class/{column}/{key}/{row.get('name', row.get('category_id'))}", number
+
+
 class MetricsLogger:
     """Appends records to ``<run_dir>/metrics.jsonl`` (one JSON object per line, flushed each time).
 
     Args:
         run_dir: run directory (created if needed).
         enabled: when False (non-main ranks) :meth:`log` does nothing.
+        tensorboard: also write the records' numbers (:func:`tensorboard_scalars`) to TensorBoard event files in
+            ``<run_dir>/tensorboard/`` with :class:`torch.utils.tensorboard.SummaryWriter`, step = the record's
+            ``iteration`` (config key ``train.tensorboard``). The writer opens at the first record and is flushed
+            after each one.
+    Raises:
+        ConfigError: ``tensorboard`` is set (on an enabled logger) but the ``tensorboard`` package is not
+            installed; the message names ``train.tensorboard`` and :data:`TENSORBOARD_INSTALL`.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = False) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.tensorboard_dir = Path(run_dir) / "tensorboard"
         self.enabled = enabled
+        self.tensorboard = bool(tensorboard) and enabled
+        self._writer: Any = None
+        self._purge_step: int | None = None
+        if self.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401 (fail before training starts)
+            except ImportError:
+                raise ConfigError(f"train.tensorboard: true needs the tensorboard package ({TENSORBOARD_INSTALL}), "
+                                  "or set train.tensorboard=false") from None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, record: Mapping[str, Any]) -> None:
-        """Append ``record`` (tensors and NumPy values are converted to numbers/lists)."""
+        """Append ``record`` (tensors and NumPy values are converted to numbers/lists); with TensorBoard, also
+        write its scalars at step ``record["iteration"]`` (records without an integer iteration are not sent)."""
         if not self.enabled:
             return
+        plain = _plain(record)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(_plain(record)) + "\n")
+            f.write(json.dumps(plain) + "\n")
             f.flush()
+        step = plain.get("iteration")
+        if self.tensorboard and isinstance(step, int) and not isinstance(step, bool):
+            writer = self._tensorboard_writer()
+            for tag, value in tensorboard_scalars(plain):
+                writer.add_scalar(tag, value, global_step=step)
+            writer.flush()
+
+    def _tensorboard_writer(self) -> Any:
+        """The open :class:`~torch.utils.tensorboard.SummaryWriter` (created on first use; closed at exit)."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.tensorboard_dir), purge_step=self._purge_step)
+            weakref.finalize(self, self._writer.close)
+        return self._writer
+
+    def close(self) -> None:
+        """Close the TensorBoard writer, if one is open (a later record opens a new one)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
     def truncate_after(self, iteration: int) -> None:
         """Drop records with ``iteration`` greater than ``iteration`` (rewritten atomically).
 
-        Used when resuming: what a crashed run logged after its last checkpoint is about to be redone.
+        Used when resuming: what a crashed run logged after its last checkpoint is about to be redone. TensorBoard
+        events from later steps are dropped too (the writer reopens with ``purge_step = iteration + 1``).
         """
-        if not self.enabled or not self.path.exists():
+        if not self.enabled:
+            return
+        if self.tensorboard:
+            self.close()
+            self._purge_step = int(iteration) + 1
+        if not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if not r.get("iteration", 0) > iteration]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
