@@ -256,7 +256,7 @@ CASES = [
     # --- predict / export options
     ("predict missing image", ["predict", "{run}", "{tmp}/no_such.jpg"], "no_such.jpg"),
     ("predict --score 2", ["predict", "{run}", "{img}", "--score", "2"], "--score"),
-    ("export --size 416", ["export", "{run}", "--size", "416"], "--size"),
+    ("export --size 416x", ["export", "{run}", "--size", "416x"], "--size"),  # a square N is accepted
     ("export --size axb", ["export", "{run}", "--size", "axb"], "--size"),
     ("export --size 0x0", ["export", "{run}", "--size", "0x0"], "--size"),
     ("export --size 190x256", ["export", "{run}", "--size", "190x256"], "--size"),
