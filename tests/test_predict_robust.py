@@ -85,6 +85,9 @@ def test_any_image_mode_is_read_and_drawn(tmp_path, mode):
     assert (record["width"], record["height"]) == (8, 6)
     with Image.open(record["picture"]) as drawn:
         assert drawn.mode == "RGB" and drawn.size == (8, 6)
+    # above the 0.9 score nothing is drawn (a filled caption would cover this 8 x 6 image): the picture is the image
+    out = FixedPredictor().predict_files([path], tmp_path / "plain", score_thresh=0.95)
+    with Image.open(json.loads(out.read_text())[0]["picture"]) as drawn:
         pixels = np.asarray(drawn)
     if mode in ("I;16", "I"):  # scaled by 1/257, not clipped at 255: the far corner is bright, not saturated
         assert abs(int(pixels[5, 7, 0]) - round(61100 / 257)) <= 1 and int(pixels[5, 6, 0]) < int(pixels[5, 7, 0])

@@ -82,7 +82,7 @@ def build_datasets(cfg: Config, train: bool = True) -> Datasets:
             f"recipe {cfg.name} needs a dataset: add data=PATH (a dataset YAML with train_json, train_images, "
             "val_json, val_images; or a Pascal VOC folder; or a sample name: trees, bccd)"
         )
-    paths = resolve_dataset(d.dataset)
+    paths = resolve_dataset(d.dataset, d.val_fraction)
     val = CocoDetection(paths.val_json, paths.val_images, build_eval_transforms(d.test_min_size, d.test_max_size))
     train_ds = None
     if train:

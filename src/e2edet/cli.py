@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from e2edet.config import DEVICE_FORMS, ConfigError, apply_overrides, to_dict
+from e2edet.config import ALIASES, DEVICE_FORMS, ConfigError, apply_overrides, to_dict
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -62,23 +62,29 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from e2edet.inference import list_images
     from e2edet.tasks import predict
 
-    if not 0 <= args.score <= 1:
+    if args.score is not None and not 0 <= args.score <= 1:
         raise ConfigError(f"--score {args.score}: must be a score in [0, 1]")
+    if args.coco_ann is not None and not Path(args.coco_ann).is_file():
+        raise ConfigError(f"--coco-ann {args.coco_ann}: no such COCO JSON file")
     files = list_images(args.sources)
-    _check_device(args.device)
-    predict(args.weights, files, args.out, args.score, draw=not args.no_draw, device=args.device)
+    if Path(args.weights).suffix.lower() != ".onnx":  # onnxruntime's devices are checked when the file is loaded
+        _check_device(args.device)
+    predict(args.weights, files, args.out, args.score, draw=not args.no_draw, device=args.device,
+            coco_json=args.coco_json, coco_ann=args.coco_ann)
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from e2edet.export import export_onnx, parse_size
+    from e2edet.export import export_onnx, parse_size, supports_dynamic_size
     from e2edet.inference import Predictor
 
     height, width = parse_size(args.size, "--size")
     predictor = Predictor.from_weights(args.weights, device="cpu")
-    path = export_onnx(predictor.model, predictor.cfg, args.out, height, width)
-    print(f"{path}: images [B, 3, {height}, {width}] -> boxes, scores, labels (top "
-          f"{predictor.cfg.test.max_detections}, no NMS); onnxruntime matches PyTorch")
+    dynamic = not args.static and supports_dynamic_size(predictor.model)
+    path = export_onnx(predictor.model, predictor.cfg, args.out, height, width, dynamic=dynamic)
+    shape = "H, W] (any multiples of 32; checked at " + f"{height}x{width})" if dynamic else f"{height}, {width}]"
+    print(f"{path}: images [B, 3, {shape} -> boxes, scores, labels (top {predictor.cfg.test.max_detections}, no NMS), "
+          "preprocessing in its metadata; onnxruntime matches PyTorch")
     return 0
 
 
@@ -154,6 +160,25 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+def _version() -> str:
+    """The installed distribution's version (``importlib.metadata``), else the package's ``__version__``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("e2edet")
+    except metadata.PackageNotFoundError:
+        from e2edet import __version__
+
+        return __version__
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001 - warnings API
+    """``warnings.formatwarning`` of the command line: one line ``e2edet: warning: <message>``, without the Python
+    file, line number and source line of the default format (``E2EDET_DEBUG=1`` keeps the default). Replacing the
+    format, not ``showwarning``, leaves ``warnings.catch_warnings(record=True)`` working."""
+    return f"e2edet: warning: {' '.join(str(message).split())}\n"
+
+
 #: ``--device`` help of the commands that load trained weights.
 _DEVICE_HELP = f"{DEVICE_FORMS} (default auto)"
 
@@ -162,9 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``e2edet`` argument parser (sub-commands train, eval, predict, data, recipes)."""
     p = _Parser(prog="e2edet", description="End-to-end (NMS-free) object detection.",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("::")[1])
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a recipe (name or YAML), then evaluate with and without NMS")
+    aliases = ", ".join(f"{short}= ({key})" for short, key in ALIASES.items())
+    t = sub.add_parser("train", help="train a recipe (name or YAML), then evaluate with and without NMS",
+                       epilog=f"Short aliases for overrides: {aliases}. Any other key by its dotted name, e.g. "
+                              "train.eval_period=2; `e2edet recipes show NAME` lists them.")
     t.add_argument("recipe", help="recipe name (see `e2edet recipes`) or a config YAML")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=6 data=bccd")
     t.add_argument("--resume", help="run folder or checkpoint folder to resume from (training goes on in that "
@@ -183,18 +212,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     pr = sub.add_parser("predict", help="detect objects in images; writes detections.json and pictures")
-    pr.add_argument("weights", help="run folder, checkpoint folder or model.safetensors")
+    pr.add_argument("weights", help="run folder, checkpoint folder, model.safetensors, or an exported .onnx file "
+                                    "(run by onnxruntime with the preprocessing stored in it)")
     pr.add_argument("sources", nargs="+", help="image files or folders")
     pr.add_argument("--out", default="predictions", help="output folder (default: predictions)")
-    pr.add_argument("--score", type=float, default=0.3, help="minimum score to keep a detection (default 0.3)")
+    pr.add_argument("--score", type=float, default=None,
+                    help="minimum score to keep a detection (default: the run's F1-optimal threshold on its "
+                         "validation split, test.predict_score, else 0.3)")
     pr.add_argument("--no-draw", action="store_true", help="write detections.json only")
     pr.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    pr.add_argument("--coco-json", action="store_true",
+                    help="also write results.json (COCO detection results: image_id, category_id, bbox xywh, score; "
+                         "every detection, --score not applied) and images.json (the COCO image list its ids name)")
+    pr.add_argument("--coco-ann", metavar="FILE",
+                    help="COCO dataset JSON the images come from: results.json takes its image and category ids "
+                         "(implies --coco-json)")
     pr.set_defaults(func=_cmd_predict)
 
     x = sub.add_parser("export", help="ONNX export of an end-to-end model (post-processing included, no NMS)")
     x.add_argument("weights", help="run folder, checkpoint folder or model.safetensors")
     x.add_argument("--out", default="model.onnx")
-    x.add_argument("--size", default="416x576", help="input HxW in pixels, multiples of 32 (default 416x576)")
+    x.add_argument("--size", default="416x576",
+                   help="input HxW or N (square) in pixels, multiples of 32 (default 416x576); the size a graph with "
+                        "dynamic height/width is traced and checked at")
+    x.add_argument("--static", action="store_true",
+                   help="fix height and width at --size even where the graph allows dynamic sizes")
     x.set_defaults(func=_cmd_export)
 
     cm = sub.add_parser("compare", help="train several recipes with one budget; one table of AP, AP50, mMR, "
@@ -312,8 +354,14 @@ def main(argv: list[str] | None = None) -> int:
     on bad input (usage, config, data, weights or image files, devices, sizes, output paths; see
     :func:`_error_exit_code`); 1 with the same kind of line when a check fails (an exported ONNX graph whose
     outputs differ from PyTorch's); 130 with ``e2edet: interrupted`` (or the interruption's own message) on Ctrl-C.
-    With ``E2EDET_DEBUG=1`` these exceptions propagate with their traceback.
+    With ``E2EDET_DEBUG=1`` these exceptions propagate with their traceback. Warnings print as one line
+    ``e2edet: warning: ...`` while the command runs (:func:`_format_warning`).
     """
+    import warnings
+
+    formatter = warnings.formatwarning
+    if not os.environ.get("E2EDET_DEBUG"):
+        warnings.formatwarning = _format_warning
     try:
         return _run(argv)
     except BaseException as exc:
@@ -329,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             line = message if message.startswith("e2edet:") else f"e2edet: {message}"
         print(line, file=sys.stderr)
         return code
+    finally:
+        warnings.formatwarning = formatter
 
 
 def _run(argv: list[str] | None) -> int:

@@ -37,8 +37,10 @@ __all__ = [
 class DataConfig(Section):
     """Dataset and augmentation settings.
 
-    ``dataset`` is a sample name (``trees``, ``bccd``), a Pascal VOC root folder, or a dataset YAML file with
-    ``train_json``/``train_images``/``val_json``/``val_images`` (see :func:`e2edet.data.datasets.resolve_dataset`).
+    ``dataset`` is a sample name (``trees``, ``bccd``), a Pascal VOC root folder, a dataset YAML file with
+    ``train_json``/``train_images``/``val_json``/``val_images``, or an Ultralytics ``data.yaml`` (or its folder); see
+    :func:`e2edet.data.datasets.resolve_dataset`. ``val_fraction`` is the share of the training images held out
+    (seeded, the same split for every ``train.seed``) when the dataset has no validation split.
     Sizes are in pixels: training picks the shorter side from ``train_min_sizes`` (longer side capped at
     ``train_max_size``); evaluation resizes the shorter side to ``test_min_size``.
     """
@@ -51,6 +53,7 @@ class DataConfig(Section):
     flip_prob: Float = Field(0.5, ge=0, le=1)
     crop: bool = False
     filter_empty: bool = True
+    val_fraction: Float = Field(0.1, gt=0, lt=1)
 
 
 class TestConfig(Section):
@@ -59,7 +62,9 @@ class TestConfig(Section):
     ``score``: ranking score, ``cls``, ``cls_filter``, ``cls_ctr_sqrt`` (FCOS), ``cls_ctr`` (O2F) or ``drmm``
     (D-RMM: softmax class probability x sigmoid foreground). ``nms_iou`` is the method's own post-processing: 0 means
     end-to-end (no NMS); FCOS uses 0.6. Evaluation always reports AP without NMS and with class-aware NMS at
-    ``eval_nms_iou`` side by side.
+    ``eval_nms_iou`` side by side. ``predict_score`` is the default ``--score`` of ``e2edet predict`` and of the
+    pictures (0 = unset, 0.3): training sets it in the checkpoints to the threshold that maximises F1 on the
+    validation split (:func:`e2edet.engine.diagnostics.best_f1`, the post-processing of the primary metric).
     """
 
     __test__ = False  # not a pytest test class
@@ -70,6 +75,7 @@ class TestConfig(Section):
     max_detections: Int = Field(100, ge=1)
     nms_iou: Float = Field(0.0, ge=0, lt=1)
     eval_nms_iou: Float = Field(0.6, gt=0, le=1)
+    predict_score: Float = Field(0.0, ge=0, le=1)
 
 
 class TrainConfig(Section):
@@ -79,6 +85,14 @@ class TrainConfig(Section):
     ``epochs``; ``steps`` are fractions of the total iterations where the lr is multiplied by ``gamma``. ``amp``
     enables bf16 autocast on CUDA only. ``checkpoint_period`` writes ``checkpoints/last`` every that many epochs,
     ``checkpoint_every`` also every that many iterations (0 = only at epoch ends).
+
+    ``weights`` (alias ``weights=``): fine-tune from a run folder, checkpoint folder or ``.safetensors`` file: every
+    tensor whose name and shape fit is loaded, the rest (e.g. the class logits of another class count) keeps its
+    fresh initialisation; optimizer, schedule and iterations start anew (``--resume`` continues a run instead).
+    ``ema`` keeps an exponential moving average of the weights (``d = ema_decay * (1 - exp(-updates / ema_tau))``,
+    as YOLOX/Ultralytics), evaluated during training and saved as the checkpoints' ``model.safetensors``.
+    ``tensorboard`` also logs the train losses/lr and the evaluation metrics to ``<run>/tensorboard/`` (needs
+    ``pip install tensorboard``; see :class:`e2edet.engine.logger.MetricsLogger`).
     """
 
     epochs: Int = Field(12, ge=0)
@@ -103,6 +117,11 @@ class TrainConfig(Section):
     checkpoint_period: Int = Field(1, ge=0)
     checkpoint_every: Int = Field(0, ge=0)
     device: str = "auto"
+    weights: str = ""
+    ema: bool = False
+    ema_decay: Float = Field(0.9998, ge=0, lt=1)
+    ema_tau: Float = Field(2000.0, gt=0)
+    tensorboard: bool = False
 
 
 _MODELS = tuple(a.model_section for a in ARCHITECTURES.values())
@@ -177,6 +196,7 @@ ALIASES = {
     "workers": "train.workers",
     "backbone": "model.backbone",
     "output": "output_dir",
+    "weights": "train.weights",
 }
 _TOP = ("name", "description", "output_dir")
 _COMMON = {"data": DataConfig, "test": TestConfig, "train": TrainConfig}

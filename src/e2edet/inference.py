@@ -34,6 +34,7 @@ from e2edet.data.errors import DatasetError, dataset_error
 from e2edet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from e2edet.engine.checkpoint import load_model_weights, load_weights, resolve_weights_file
 from e2edet.engine.device import DeviceError, select_device
+from e2edet.models.backbone import frozen_bn_like
 from e2edet.ops.boxes import rescale_boxes
 from e2edet.utils import error_text
 from e2edet.utils.io import atomic_write_json
@@ -181,6 +182,10 @@ class Preprocessing:
         return batch, sizes, orig
 
 
+#: Score threshold of pictures and ``detections.json`` when the run stores no F1-optimal one.
+DEFAULT_SCORE = 0.3
+
+
 def draw_detections(
     image: torch.Tensor, det: dict, class_names: Sequence[str], score_thresh: float = 0.0
 ) -> torch.Tensor:
@@ -197,7 +202,9 @@ def draw_detections(
     captions = [f"{n} {s:.2f}" for n, s in zip(names, scores)]
     colors = [palette[int(c) % len(palette)] for c in labels]
     width = max(1, round(max(image.shape[1:]) / 400))
-    return draw_bounding_boxes(image, boxes, labels=captions, colors=colors, width=width)
+    # captions in white on a box-coloured background, readable on any image
+    return draw_bounding_boxes(image, boxes, labels=captions, colors=colors, width=width, label_colors="white",
+                               fill_labels=True)
 
 
 def _coco_ann_index(ann_file: str | Path, class_names: Sequence[str]) -> tuple[dict[str, list[dict]], list[int]]:
@@ -303,6 +310,10 @@ class BasePredictor:
     batch_size: int = 4
     """Images per network call when :meth:`__call__` is given none."""
 
+    default_score: float = DEFAULT_SCORE
+    """Score threshold of :meth:`predict_files` when none is given: the run's ``test.predict_score`` (the
+    F1-optimal threshold on its validation split, set by training) or :data:`DEFAULT_SCORE`."""
+
     @torch.inference_mode()
     def __call__(self, images: ImageInput | Sequence[ImageInput], batch_size: int | None = None) -> list[dict]:
         """Detect objects in images.
@@ -326,14 +337,14 @@ class BasePredictor:
         return results
 
     def predict_files(
-        self, files: Sequence[Path], out_dir: str | Path, score_thresh: float = 0.3, draw: bool = True,
+        self, files: Sequence[Path], out_dir: str | Path, score_thresh: float | None = None, draw: bool = True,
         coco_json: bool = False, coco_ann: str | Path | None = None,
     ) -> Path:
         """Detect in image files; write ``detections.json`` and, when ``draw``, one ``<stem>.png`` per image.
 
         ``detections.json`` lists per image its file, size, picture and detections (``box_xyxy`` pixels of the
-        original image, ``score``, ``label``, ``category``); detections below ``score_thresh`` are left out of
-        both. With ``coco_json`` (implied by ``coco_ann``) also ``results.json``: every detection (no
+        original image, ``score``, ``label``, ``category``); detections below ``score_thresh`` (default
+        :attr:`default_score`) are left out of both. With ``coco_json`` (implied by ``coco_ann``) also ``results.json``: every detection (no
         ``score_thresh``: COCO AP needs the low scores too) in the COCO results format, and without ``coco_ann``
         ``images.json``, the COCO image list its ids refer to (:func:`coco_results`). Returns the
         ``detections.json`` path.
@@ -369,7 +380,7 @@ class BasePredictor:
             det = self([image])[0]
             if coco_json:
                 full.append((path, int(image.shape[1]), int(image.shape[2]), det))
-            keep = det["scores"] >= score_thresh
+            keep = det["scores"] >= (self.default_score if score_thresh is None else score_thresh)
             det = {k: v[keep] for k, v in det.items()}
             records.append({
                 "file": str(path),
@@ -424,6 +435,7 @@ class Predictor(BasePredictor):
         self.postprocess = build_postprocessor(cfg)
         self.preprocess = Preprocessing(cfg.data.test_min_size, cfg.data.test_max_size)
         self.class_names = list(cfg.model.class_names)
+        self.default_score = cfg.test.predict_score or DEFAULT_SCORE
         self.skipped = []
 
     @classmethod
@@ -440,7 +452,7 @@ class Predictor(BasePredictor):
             raise ValueError(f"{weights}: the weights carry no e2edet config; was it written by `e2edet train`?")
         cfg = from_dict(cfg_dict, str(weights))
         cfg.model.pretrained = False  # the trained weights replace any ImageNet initialisation
-        model = build_model(cfg)
+        model = frozen_bn_like(build_model(cfg), state)  # ... but the run's frozen batch norms stay frozen
         load_model_weights(model, state, strict=True, source=resolve_weights_file(weights))
         return cls(model, cfg, device)
 
@@ -522,6 +534,8 @@ class OnnxPredictor(BasePredictor):
         self.metadata = {k: json.loads(v) for k, v in meta.items() if k != "e2edet_format"}
         m = self.metadata
         self.class_names = list(m["class_names"])
+        stored = (m.get("e2edet_config") or {}).get("test", {}).get("predict_score")
+        self.default_score = float(stored or DEFAULT_SCORE)
         fixed = m["pad"]["fixed_size"]
         self.preprocess = Preprocessing(int(m["resize"]["min_size"]), int(m["resize"]["max_size"]),
                                         tuple(m["mean"]), tuple(m["std"]), int(m["pad"]["size_divisibility"]),

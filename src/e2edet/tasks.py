@@ -17,14 +17,14 @@ import torch
 from e2edet.build import build_criterion, build_datasets, build_model, build_postprocessor, fill_classes
 from e2edet.config import Config, ConfigError, apply_overrides, save_config, to_dict
 from e2edet.data.loader import build_loader
-from e2edet.engine.checkpoint import unwrap_model
+from e2edet.engine.checkpoint import load_matching_weights
 from e2edet.engine.device import init_distributed
 from e2edet.engine.evaluator import evaluate, format_results_table, save_results
 from e2edet.engine.logger import read_metrics
 from e2edet.engine.rng import seed_everything
 from e2edet.engine.run_dir import acquire_run_lock, clear_run, new_run_dir, remove_if_unused, run_dir_of_checkpoint
 from e2edet.engine.trainer import Trainer
-from e2edet.inference import Predictor
+from e2edet.inference import DEFAULT_SCORE, Predictor, load_predictor
 from e2edet.utils.dist import broadcast_object, is_main_process
 
 
@@ -50,7 +50,9 @@ def train(cfg: Config, resume: str | Path | None = None, num_pictures: int = 8, 
     ``name-3``, ...) when that already holds files; ``exist_ok`` reuses it instead, removing the previous run's
     outputs (:func:`e2edet.engine.run_dir.clear_run`) once the lock is held and the data and model are built.
     ``resume`` trains on in the folder it names. A lock file keeps a second training out of a folder in use; a new
-    folder that a failed start left empty is removed.
+    folder that a failed start left empty is removed. ``cfg.train.weights`` (a new run only) starts from those
+    weights where names and shapes fit (:func:`e2edet.engine.checkpoint.load_matching_weights`) and prints its
+    one-line report.
 
     Returns:
         The final evaluation results (``{"no_nms": {...}, "nms": {...}, ...}``); empty when a resumed run had
@@ -94,6 +96,10 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, resume: str | Path 
     fill_classes(cfg, data.train.class_names)
     seed_everything(cfg.train.seed)  # model initialisation is part of a repeatable run
     model = build_model(cfg)
+    if cfg.train.weights and resume is None:  # fine-tuning: a resumed run restores its own weights instead
+        report = load_matching_weights(model, cfg.train.weights)
+        if is_main_process():
+            print(f"train.weights: {report}")
     criterion = build_criterion(cfg)
     postprocessor = build_postprocessor(cfg)
     t = cfg.train
@@ -107,7 +113,8 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, resume: str | Path 
     def evaluate_fn(net: torch.nn.Module, epoch: int) -> dict:
         device = next(net.parameters()).device
         results = evaluate(net, postprocessor, val_loader, device, data.val.coco, data.val.label_to_cat_id,
-                           nms_iou=cfg.test.eval_nms_iou, plot_path=run_dir / "reliability.png")
+                           nms_iou=cfg.test.eval_nms_iou, plot_path=run_dir / "reliability.png",
+                           pr_curve_path=run_dir / "pr_curve.png")
         _report(results, cfg, f"Evaluation after epoch {epoch} on {data.paths.val_json}")
         return results
 
@@ -129,9 +136,10 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, resume: str | Path 
     if results is None and is_main_process():  # e.g. resuming a run that had already finished
         print(f"{run_dir}: no training left to do (iteration {summary['iteration']}); see `e2edet eval {run_dir}`")
         return {}
+    cfg.test.predict_score = float(trainer.config_dict["test"].get("predict_score", 0.0))  # the last evaluation's
     if is_main_process() and num_pictures > 0:
         files = [Path(data.paths.val_images) / img["file_name"] for img in data.val.coco["images"][:num_pictures]]
-        Predictor(unwrap_model(model), cfg, device=device).predict_files(files, run_dir / "predictions")
+        Predictor(trainer.eval_model, cfg, device=device).predict_files(files, run_dir / "predictions")
         print(f"prediction pictures: {run_dir / 'predictions'}")
     return results
 
@@ -162,7 +170,9 @@ def evaluate_weights(weights: str | Path, overrides: list[str], out: str | Path 
                      device: str = "auto") -> dict:
     """Evaluate trained weights on the validation split of their dataset (or ``data=...`` from ``overrides``).
 
-    Writes the results JSON to ``out`` (default: ``eval.json`` beside the weights) and prints the table.
+    Writes the results JSON to ``out`` (default: ``eval.json`` beside the weights), the reliability diagram and
+    the precision-recall curves beside it (``<stem>_reliability.png``, ``<stem>_pr_curve.png``) and prints the
+    tables (metrics, then AP per class).
 
     Raises:
         ConfigError: the dataset's classes differ from the model's.
@@ -179,19 +189,29 @@ def evaluate_weights(weights: str | Path, overrides: list[str], out: str | Path 
     out = Path(out) if out else (weights if weights.is_dir() else weights.parent) / "eval.json"
     results = evaluate(predictor.model, postprocessor, loader, predictor.device, data.val.coco,
                        data.val.label_to_cat_id, nms_iou=cfg.test.eval_nms_iou,
-                       plot_path=out.with_name(out.stem + "_reliability.png"))
+                       plot_path=out.with_name(out.stem + "_reliability.png"),
+                       pr_curve_path=out.with_name(out.stem + "_pr_curve.png"))
     save_results(results, out)
     _report(results, cfg, f"{weights} on {data.paths.val_json}")
     print(f"results: {out}")
     return results
 
 
-def predict(weights: str | Path, files: list[Path], out: str | Path, score_thresh: float, draw: bool = True,
-            device: str = "auto") -> Path:
-    """Run trained weights on image files; writes ``detections.json`` and pictures into ``out``."""
-    predictor = Predictor.from_weights(weights, device=device)
-    json_path = predictor.predict_files(files, out, score_thresh=score_thresh, draw=draw)
+def predict(weights: str | Path, files: list[Path], out: str | Path, score_thresh: float | None, draw: bool = True,
+            device: str = "auto", coco_json: bool = False, coco_ann: str | Path | None = None) -> Path:
+    """Run trained weights (run folder, checkpoint, ``.safetensors``) or an exported ``.onnx`` file (onnxruntime,
+    :class:`e2edet.inference.OnnxPredictor`) on image files; writes ``detections.json``, pictures and, with
+    ``coco_json``/``coco_ann``, ``results.json`` (COCO results) into ``out``
+    (:meth:`e2edet.inference.BasePredictor.predict_files`)."""
+    predictor = load_predictor(weights, device=device)
+    json_path = predictor.predict_files(files, out, score_thresh=score_thresh, draw=draw, coco_json=coco_json,
+                                        coco_ann=coco_ann)
     records = json.loads(json_path.read_text())
     n = sum(len(r["detections"]) for r in records)
-    print(f"{len(records)} images, {n} detections with score >= {score_thresh}: {json_path}")
+    used = predictor.default_score if score_thresh is None else score_thresh
+    stored = score_thresh is None and predictor.default_score != DEFAULT_SCORE
+    origin = " (the run's F1-optimal threshold)" if stored else ""
+    print(f"{len(records)} images, {n} detections with score >= {used:g}{origin}: {json_path}")
+    if coco_json or coco_ann is not None:
+        print(f"COCO results (every detection): {json_path.parent / 'results.json'}")
     return json_path

@@ -225,6 +225,45 @@ def calibration(scores: Sequence[float] | np.ndarray, is_tp: Sequence[bool] | np
             "precisions": [float(p) if k else None for p, k in zip(prec, nz)]}
 
 
+def best_f1(scores: Sequence[float] | np.ndarray, is_tp: Sequence[bool] | np.ndarray, num_gt: int
+            ) -> dict[str, float]:
+    """The score threshold that maximises F1 = 2PR / (P + R) of the detections kept by ``score >= threshold``.
+
+    Precision P = TP / kept, recall R = TP / ``num_gt``, counted over the detections sorted by descending score;
+    only thresholds between distinct scores are candidates (detections with equal scores are kept or dropped
+    together), and the threshold is the lowest score kept. This is the "confidence at max F1" that Ultralytics
+    prints beside its F1 curve, for one IoU (the TP flags) and all classes together.
+
+    Args:
+        scores: ``[n]`` confidences (the non-ignored detections).
+        is_tp: ``[n]`` bool TP flags of the same detections (:func:`match_detections`).
+        num_gt: number of non-crowd GT boxes.
+    Returns:
+        ``{"f1", "threshold", "precision", "recall"}`` (F1, P, R in [0, 1]); all 0 when nothing is matched (no
+        detection, no GT or no TP).
+    Raises:
+        ValueError: lengths differ or ``num_gt < 0``.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    tp = np.asarray(is_tp, dtype=bool).reshape(-1)
+    if s.shape != tp.shape or num_gt < 0:
+        raise ValueError(f"{s.size} scores, {tp.size} TP flags, {num_gt} GT boxes")
+    none = {"f1": 0.0, "threshold": 0.0, "precision": 0.0, "recall": 0.0}
+    if not s.size or num_gt == 0 or not tp.any():
+        return none
+    order = np.argsort(-s, kind="stable")
+    s, tp = s[order], tp[order]
+    last = np.r_[s[1:] != s[:-1], True]  # the last detection of every run of equal scores
+    kept = np.arange(1, s.size + 1)[last]
+    hits = np.cumsum(tp)[last]
+    precision, recall = hits / kept, hits / num_gt
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
+                   where=precision + recall > 0)
+    best = int(np.argmax(f1))
+    return {"f1": float(f1[best]), "threshold": float(s[last][best]), "precision": float(precision[best]),
+            "recall": float(recall[best])}
+
+
 def diagnostics(coco_gt: Any, detections: Sequence[Mapping[str, Any]], iou_thresh: float = 0.5,
                 conf_thresh: float = 0.3, num_bins: int = 20) -> dict[str, Any]:
     """Duplicate rate and calibration of one set of detections (all values JSON-friendly).
@@ -237,16 +276,21 @@ def diagnostics(coco_gt: Any, detections: Sequence[Mapping[str, Any]], iou_thres
         conf_thresh: score threshold of the detections counted by the duplicate rate.
         num_bins: calibration bins (see :func:`calibration`).
     Returns:
-        ``{"duplicate_rate": percent, "num_confident", "num_duplicates", "ece": percent, "num_detections",
-        "num_ignored", "reliability": {"edges", "counts", "confidences", "precisions"}}``; ignored detections
+        ``{"duplicate_rate": percent, "num_confident", "num_duplicates", "ece": percent, "f1", "f1_threshold",
+        "f1_precision", "f1_recall" (:func:`best_f1`, fractions), "num_detections", "num_ignored", "reliability":
+        {"edges", "counts", "confidences", "precisions"}}``; ignored detections
         (matched to a crowd region) are left out of every statistic but ``num_detections``/``num_ignored``.
     Raises:
         ValueError: as :func:`match_detections` and :func:`calibration`.
     """
-    matches = match_detections(coco_gt, detections, iou_thresh=iou_thresh)
+    coco = as_coco(coco_gt)
+    matches = match_detections(coco, detections, iou_thresh=iou_thresh)
     keep = ~matches["is_ignored"]
     cal = calibration(matches["score"][keep], matches["is_tp"][keep], num_bins=num_bins)
+    num_gt = sum(1 for a in coco.dataset.get("annotations", []) if not a.get("iscrowd", 0))
+    f1 = best_f1(matches["score"][keep], matches["is_tp"][keep], num_gt)
     return {**duplicate_stats(matches, conf_thresh=conf_thresh), "ece": cal.pop("ece"),
+            **{f"f1_{k}" if k != "f1" else k: v for k, v in f1.items()},
             "num_detections": len(detections), "num_ignored": int(matches["is_ignored"].sum()),
             "reliability": cal}
 

@@ -132,7 +132,8 @@ class Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=bool(getattr(cfg, "find_unused_parameters", False)))
-        self.logger = MetricsLogger(self.run_dir, enabled=is_main_process())
+        self.logger = MetricsLogger(self.run_dir, enabled=is_main_process(),
+                                    tensorboard=bool(getattr(cfg, "tensorboard", False)))
         self.epoch = 0  # finished epochs
         self.iteration = 0  # finished iterations
         self.best: float | None = None
@@ -456,7 +457,18 @@ class Trainer:
         self.logger.log({"type": "eval", "epoch": done, "iteration": self.iteration, **result})
         if is_main_process():
             save_results(result, self.run_dir / f"eval_epoch{done:03d}.json")
+        self._store_predict_score(result)
         value = lookup(result, self.best_metric)
         if isinstance(value, (int, float)) and math.isfinite(value) and (self.best is None or value > self.best):
             self.best = float(value)
             self.save("best")
+
+    def _store_predict_score(self, result: Mapping[str, Any]) -> None:
+        """Put the F1-optimal score threshold of this evaluation (``diagnostics.<column>.f1_threshold`` of the
+        column of ``best_metric``, e.g. ``no_nms``) into the config the next checkpoints store, as
+        ``test.predict_score``: ``e2edet predict`` and the pictures then show what the model found."""
+        column = self.best_metric.split(".", 1)[0]
+        threshold = lookup(result, f"diagnostics.{column}.f1_threshold")
+        test = (self.config_dict or {}).get("test")
+        if isinstance(test, dict) and isinstance(threshold, (int, float)) and 0 < threshold <= 1:
+            test["predict_score"] = round(float(threshold), 4)

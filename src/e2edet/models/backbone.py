@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -70,6 +70,24 @@ def _to_frozen_bn(module: nn.Module) -> nn.Module:
         if new_child is not child:
             setattr(module, name, new_child)
     return module
+
+
+def frozen_bn_like(model: nn.Module, keys: Iterable[str]) -> nn.Module:
+    """Make ``model``'s batch norms the kind a weights file was saved from, before loading it.
+
+    :func:`build_backbone` picks ``FrozenBatchNorm2d`` when it loads ImageNet weights and trainable ``BatchNorm2d``
+    otherwise; a model rebuilt from a run's config *without* downloading ImageNet weights (to load trained
+    weights over them) must still have the frozen layers the run trained with. A ``BatchNorm2d`` whose
+    ``<name>.running_mean`` is among ``keys`` but ``<name>.num_batches_tracked`` is not (``FrozenBatchNorm2d`` has
+    none) becomes a ``FrozenBatchNorm2d``, in place; returns ``model``.
+    """
+    keys = set(keys)
+    for name, child in list(model.named_modules()):
+        if (isinstance(child, nn.modules.batchnorm._BatchNorm) and f"{name}.running_mean" in keys
+                and f"{name}.num_batches_tracked" not in keys):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, _to_frozen_bn(child))
+    return model
 
 
 def freeze_module(module: nn.Module) -> nn.Module:
