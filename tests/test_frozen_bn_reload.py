@@ -18,7 +18,7 @@ def test_pretrained_run_reloads_with_its_frozen_batch_norms(tmp_path):
     torch.manual_seed(0)
     cfg = apply_overrides(get_recipe("defcn_mnv2_cpu"), [*TINY, "model.num_classes=2", "data.test_min_size=64",
                                                           "data.test_max_size=96"])
-    cfg.model.class_names = ["a", "b"]
+    cfg.model.class_names = ("a", "b")
     model = build_model(cfg)
     _to_frozen_bn(model.backbone)  # what build_backbone does when it loads ImageNet weights (norm=None)
     for m in model.backbone.modules():

@@ -78,19 +78,25 @@ def trees(tmp_path_factory):
 @pytest.mark.network
 def test_prepare_trees_train_tiles(trees):
     root, paths, printed = trees
-    assert "trees: train 52 tiles / 1080 boxes, test 2 images / 98 boxes" in printed
-    train = load_coco_json(paths["train_json"])
-    validate_coco(train, paths["train_json"], paths["train_images"])
-    assert train["categories"] == [{"id": 1, "name": "Tree"}]
-    assert len(train["images"]) == 52 and len(train["annotations"]) == 1080
-    for img in train["images"]:
-        assert (img["width"], img["height"]) == (400, 400)
-        assert Image.open(paths["train_images"] / img["file_name"]).size == (400, 400)
-    for ann in train["annotations"]:
-        x, y, w, h = ann["bbox"]
-        assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= 400 and y + h <= 400
-    names = {i["file_name"] for i in train["images"]}
-    assert "2019_YELL_2_528000_4978000_image_crop2_x1899_y2072.png" in names  # last tile shifted inside
+    assert ("trees: train 40 tiles / 681 boxes, val (held-out YELL crop) 12 tiles / 399 boxes, test (other sites) "
+            "2 images / 98 boxes") in printed
+    names = {}
+    for split, count, boxes in (("train", 40, 681), ("val", 12, 399)):
+        coco = load_coco_json(paths[f"{split}_json"])
+        validate_coco(coco, paths[f"{split}_json"], paths[f"{split}_images"])
+        assert coco["categories"] == [{"id": 1, "name": "Tree"}]
+        assert len(coco["images"]) == count and len(coco["annotations"]) == boxes
+        for img in coco["images"]:
+            assert (img["width"], img["height"]) == (400, 400)
+            assert Image.open(paths[f"{split}_images"] / img["file_name"]).size == (400, 400)
+        for ann in coco["annotations"]:
+            x, y, w, h = ann["bbox"]
+            assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= 400 and y + h <= 400
+        names[split] = {i["file_name"] for i in coco["images"]}
+    assert "2019_YELL_2_528000_4978000_image_crop2_x1899_y2072.png" in names["train"]  # last tile shifted inside
+    # spatially disjoint: every val tile comes from the other YELL crop
+    assert all(n.startswith("2019_YELL_2_541000_4977000_image_crop_") for n in names["val"])
+    assert not any(n.startswith("2019_YELL_2_541000_4977000") for n in names["train"])
 
 
 @pytest.mark.network
@@ -112,11 +118,17 @@ def test_prepare_trees_reuse_and_completeness(trees, capsys):
     stamp = paths["train_json"].stat().st_mtime_ns
     assert prepare_trees(root) == paths  # a complete build is reused, not rebuilt
     assert paths["train_json"].stat().st_mtime_ns == stamp
-    assert "test 2 images / 98 boxes" in capsys.readouterr().out
-    assert json.loads((root / "manifest.json").read_text())["tile_size"] == 400
+    assert "test (other sites) 2 images / 98 boxes" in capsys.readouterr().out
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["tile_size"] == 400 and manifest["layout"] == samples.LAYOUT
     assert sorted(p.name for p in root.parent.iterdir()) == ["trees"]  # no temporary folders left
     assert samples._complete(root, 400) is not None
     assert samples._complete(root, 512) is None  # another tile size needs a new build
+    (root / "manifest.json").write_text(json.dumps({**manifest, "layout": 1}))
+    try:
+        assert samples._complete(root, 400) is None  # a build of the old layout (no val split) is rebuilt
+    finally:
+        (root / "manifest.json").write_text(json.dumps(manifest))
     (paths["test_images"] / "SOAP_061.png").rename(root / "moved.png")
     try:
         assert samples._complete(root, 400) is None  # a missing image makes the build incomplete

@@ -67,6 +67,8 @@ class Datasets:
     paths: DatasetPaths
     train: CocoDetection | None
     val: CocoDetection
+    test: CocoDetection | None = None
+    """The optional test split (``paths.test_json``), with the evaluation transforms."""
 
 
 def build_datasets(cfg: Config, train: bool = True) -> Datasets:
@@ -84,6 +86,13 @@ def build_datasets(cfg: Config, train: bool = True) -> Datasets:
         )
     paths = resolve_dataset(d.dataset, d.val_fraction)
     val = CocoDetection(paths.val_json, paths.val_images, build_eval_transforms(d.test_min_size, d.test_max_size))
+    test = None
+    if paths.test_json is not None:
+        test = CocoDetection(paths.test_json, paths.test_images, build_eval_transforms(d.test_min_size,
+                                                                                       d.test_max_size))
+        if test.class_names != val.class_names:
+            raise ConfigError(f"test and val datasets have different categories: {test.class_names} "
+                              f"({paths.test_json}) vs {val.class_names} ({paths.val_json})")
     train_ds = None
     if train:
         tf = build_train_transforms(d.train_min_sizes, d.train_max_size, d.flip_prob, d.crop)
@@ -93,7 +102,7 @@ def build_datasets(cfg: Config, train: bool = True) -> Datasets:
                 f"train and val datasets have different categories: {train_ds.class_names} ({paths.train_json}) vs "
                 f"{val.class_names} ({paths.val_json})"
             )
-    return Datasets(paths=paths, train=train_ds, val=val)
+    return Datasets(paths=paths, train=train_ds, val=val, test=test)
 
 
 def fill_classes(cfg: Config, class_names: list[str] | tuple[str, ...]) -> None:

