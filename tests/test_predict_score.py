@@ -73,7 +73,7 @@ def test_predict_files_default_threshold(stored, expected, tmp_path, bccd_root):
     torch.manual_seed(0)
     cfg = apply_overrides(get_recipe("defcn_mnv2_cpu"), [*TINY, "model.num_classes=3", "data.test_min_size=64",
                                                           "data.test_max_size=96", f"test.predict_score={stored}"])
-    cfg.model.class_names = ["a", "b", "c"]
+    cfg.model.class_names = ("a", "b", "c")
     model = build_model(cfg)
     torch.nn.init.normal_(model.head.cls_score.bias, 0.0, 1.0)  # away from the 0.01 prior
     predictor = Predictor(model, cfg, device="cpu")

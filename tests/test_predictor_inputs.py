@@ -30,7 +30,7 @@ SMALL = [*TINY, "model.num_classes=3", "data.test_min_size=64", "data.test_max_s
 def predictor():
     torch.manual_seed(0)
     cfg = apply_overrides(get_recipe("defcn_mnv2_cpu"), SMALL)
-    cfg.model.class_names = ["a", "b", "c"]
+    cfg.model.class_names = ("a", "b", "c")
     model = build_model(cfg)
     torch.nn.init.normal_(model.head.cls_score.bias, 0.0, 1.0)  # spread the scores (the prior makes all 0.01)
     return Predictor(model, cfg, device="cpu")
@@ -158,3 +158,18 @@ def test_predict_files_writes_coco_results(predictor, tmp_path):
     assert len(results) == len(predictor(path)[0]["scores"]) > 0  # ... not to the COCO results
     images = json.loads((tmp_path / "out" / "images.json").read_text())
     assert images["images"] == [{"id": 1, "file_name": str(path), "height": 60, "width": 90}]
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 1.5])
+def test_bad_batch_size_is_refused(predictor, batch_size):
+    with pytest.raises(ValueError, match=r"batch_size .*: must be an integer >= 1"):
+        predictor(_image(), batch_size=batch_size)
+
+
+def test_export_refuses_a_per_level_topk_below_max_detections(predictor, tmp_path):
+    from e2edet.export import ExportError, export_onnx
+
+    cfg = apply_overrides(predictor.cfg, ["test.topk_candidates=10"])
+    with pytest.raises(ExportError, match=r"test\.topk_candidates=10 < test\.max_detections=100"):
+        export_onnx(predictor.model, cfg, tmp_path / "m.onnx", 64, 96)
+    assert not (tmp_path / "m.onnx").exists()

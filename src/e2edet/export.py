@@ -9,9 +9,9 @@ pixels of the input), ``scores [B, N]`` and ``labels [B, N]`` (int64), the top `
 the top-k, so :class:`e2edet.inference.OnnxPredictor` applies it afterwards; as the DeFCN maintainer says in issue
 #11, both can be dropped). Recipes whose evaluation needs NMS (FCOS) are refused.
 
-Height and width are dynamic where the graph allows it (dense detectors, Sparse R-CNN, AdaMixer): the file then
-runs on any padded size, and ``--size`` is only the size it is traced and checked at. Deformable DETR graphs are
-fixed at the export size (see :func:`supports_dynamic_size`). The file carries everything a runtime needs in its
+Height and width are dynamic where the graph allows it (dense detectors, Sparse R-CNN): the file then
+runs on any padded size, and ``--size`` is only the size it is traced and checked at. AdaMixer and Deformable DETR graphs
+are fixed at the export size (see :func:`supports_dynamic_size`). The file carries everything a runtime needs in its
 ``metadata_props`` (:func:`onnx_metadata`): class names, mean/std, the resize and padding rules, the input size,
 the score mode and the post-processing left to do, the recipe, the e2edet version and the whole config.
 """
@@ -389,6 +389,10 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
         raise ExportError(f"{cfg.name} is evaluated with NMS (test.nms_iou={cfg.test.nms_iou}); export an end-to-end "
                           "recipe (poto, poto_3dmf, defcn, o2f, sparse_rcnn, adamixer, drmm_*, deformable_detr*)")
     check_size(height, width)
+    if cfg.model.arch == "dense" and cfg.test.topk_candidates < cfg.test.max_detections:
+        raise ExportError(f"test.topk_candidates={cfg.test.topk_candidates} < test.max_detections="
+                          f"{cfg.test.max_detections}: the graph's single top-k equals the per-level top-k only when "
+                          "topk_candidates >= max_detections")
     if dynamic and not supports_dynamic_size(model):
         raise ExportError(f"{cfg.name}: its graph is traced for one input size (see supports_dynamic_size); export "
                           "it with a fixed size (--static)")

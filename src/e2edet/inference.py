@@ -330,7 +330,9 @@ class BasePredictor:
             ValueError / TypeError / DatasetError: bad inputs, see :func:`as_images`.
         """
         images = as_images(images)
-        batch_size = batch_size or self.batch_size
+        batch_size = self.batch_size if batch_size is None else batch_size
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size {batch_size!r}: must be an integer >= 1")
         results: list[dict] = []
         for start in range(0, len(images), batch_size):
             results += self.detect(*self.preprocess(images[start : start + batch_size]))

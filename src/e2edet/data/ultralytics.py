@@ -48,7 +48,7 @@ def _images_of(yaml_path: Path, root: Path, key: str, entry: Any) -> list[Path]:
     for item in entries:
         if not isinstance(item, str) or not item.strip():
             raise dataset_error(yaml_path, key, f"expected a folder, a .txt image list or a list of them, got {item!r}")
-        source = (root / item).expanduser()
+        source = root / Path(item).expanduser()
         if source.is_dir():
             files += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         elif source.is_file() and source.suffix.lower() == ".txt":
@@ -99,7 +99,7 @@ def ultralytics_as_coco(
     base = data.get("path") or "."
     if not isinstance(base, str):
         raise dataset_error(yaml_path, "path", f"expected a folder, got {base!r}")
-    root = (yaml_path.parent / base).expanduser().resolve()
+    root = (yaml_path.parent / Path(base).expanduser()).resolve()
     if not root.is_dir():
         raise dataset_error(yaml_path, "path", f"dataset root {root} does not exist")
     names = read_class_names(yaml_path)

@@ -208,8 +208,13 @@ class Trainer:
 
     def _check_classes(self, path: str | Path) -> None:
         """Refuse to resume a checkpoint trained on other classes than this run's (``config_dict``), with one line
-        naming ``path`` and the fine-tuning alternative, before any tensor is read."""
+        naming ``path`` and the fine-tuning alternative, before any tensor is read; carry its stored
+        ``test.predict_score`` over into ``config_dict``."""
         file, shapes, saved = read_weights_header(resolve_weights_file(path, prefer=("last", "best")))
+        stored = ((saved or {}).get("test") or {}).get("predict_score")
+        test = (self.config_dict or {}).get("test")
+        if isinstance(test, dict) and stored:  # the run's F1-optimal threshold, until the next evaluation
+            test["predict_score"] = stored
         old = ((saved or {}).get("model") or {}).get("class_names")
         new = ((self.config_dict or {}).get("model") or {}).get("class_names")
         if old and new and list(old) != list(new):
