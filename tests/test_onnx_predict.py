@@ -131,3 +131,18 @@ def test_static_export_and_coco_ids_from_a_dataset_file(dense_run, bccd_root, tm
     assert results and {r["image_id"] for r in results} == {42} and not (out / "images.json").exists()
     assert main(["predict", str(path), str(image_file), "--coco-ann", str(tmp_path / "no.json")]) == 2
     assert "--coco-ann" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, value", [("class_names", None), ("resize", "{not json")])
+def test_damaged_metadata_is_one_line(dense_run, tmp_path, key, value):
+    proto = onnx.load(str(dense_run / "m.onnx"))
+    kept = [p for p in proto.metadata_props if p.key != key]
+    del proto.metadata_props[:]
+    for p in kept:
+        proto.metadata_props.add(key=p.key, value=p.value)
+    if value is not None:
+        proto.metadata_props.add(key=key, value=value)
+    path = tmp_path / "damaged.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(ValueError, match=r"damaged\.onnx: damaged e2edet metadata .*export it again"):
+        OnnxPredictor(path)

@@ -173,3 +173,14 @@ def test_export_refuses_a_per_level_topk_below_max_detections(predictor, tmp_pat
     with pytest.raises(ExportError, match=r"test\.topk_candidates=10 < test\.max_detections=100"):
         export_onnx(predictor.model, cfg, tmp_path / "m.onnx", 64, 96)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_coco_ann_of_other_classes_fails_before_any_picture(predictor, tmp_path):
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(image)
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.png", "height": 20, "width": 30}],
+                               "categories": [{"id": 1, "name": "other"}], "annotations": []}))
+    with pytest.raises(DatasetError, match=r"ann\.json: categories: \['other'\] .* differ from the model's classes"):
+        predictor.predict_files([image], tmp_path / "out", coco_ann=ann)
+    assert not (tmp_path / "out").exists()

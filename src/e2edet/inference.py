@@ -358,11 +358,14 @@ class BasePredictor:
 
         Raises:
             DatasetError: every one of the (non-empty) ``files`` is unreadable (the message names the first and
-                gives the count), or ``coco_ann`` does not fit (:func:`coco_results`); nothing is written then.
+                gives the count), or ``coco_ann`` does not fit (:func:`coco_results`); no JSON is written then,
+                and a ``coco_ann`` that cannot be read or names other categories fails before any picture.
         """
         out_dir = Path(out_dir)
         records, used, full = [], set(), []
         coco_json = coco_json or coco_ann is not None
+        if coco_ann is not None:  # an unreadable file or other categories: fail before any image is processed
+            _coco_ann_index(coco_ann, self.class_names)
         self.skipped = []
         def warn(file: Path, reason: str) -> None:
             print(f"e2edet: warning: {file}: skipped: {reason}", file=sys.stderr, flush=True)
@@ -533,15 +536,19 @@ class OnnxPredictor(BasePredictor):
             found = meta.get("e2edet_format")
             raise ValueError(f"{path}: " + (f"ONNX metadata format {found!r}; this e2edet reads {ONNX_FORMAT!r}"
                                             if found else "no e2edet metadata; export it with `e2edet export`"))
-        self.metadata = {k: json.loads(v) for k, v in meta.items() if k != "e2edet_format"}
-        m = self.metadata
-        self.class_names = list(m["class_names"])
-        stored = (m.get("e2edet_config") or {}).get("test", {}).get("predict_score")
-        self.default_score = float(stored or DEFAULT_SCORE)
-        fixed = m["pad"]["fixed_size"]
-        self.preprocess = Preprocessing(int(m["resize"]["min_size"]), int(m["resize"]["max_size"]),
-                                        tuple(m["mean"]), tuple(m["std"]), int(m["pad"]["size_divisibility"]),
-                                        None if fixed is None else (int(fixed[0]), int(fixed[1])))
+        try:
+            self.metadata = {k: json.loads(v) for k, v in meta.items() if k != "e2edet_format"}
+            m = self.metadata
+            self.class_names = list(m["class_names"])
+            stored = (m.get("e2edet_config") or {}).get("test", {}).get("predict_score")
+            self.default_score = float(stored or DEFAULT_SCORE)
+            fixed = m["pad"]["fixed_size"]
+            self.preprocess = Preprocessing(int(m["resize"]["min_size"]), int(m["resize"]["max_size"]),
+                                            tuple(m["mean"]), tuple(m["std"]), int(m["pad"]["size_divisibility"]),
+                                            None if fixed is None else (int(fixed[0]), int(fixed[1])))
+        except (KeyError, TypeError, ValueError, IndexError) as err:  # a damaged or hand-edited file
+            raise ValueError(f"{path}: damaged e2edet metadata ({error_text(err)}); export it again with "
+                             "`e2edet export`") from err
         optional = self.session.get_overridable_initializers()  # image_sizes: an input with a default
         self.inputs = [i.name for i in [*self.session.get_inputs(), *optional]]
         """The graph's input names: ``images`` and, for query and DETR graphs, ``image_sizes``."""
