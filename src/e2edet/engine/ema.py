@@ -51,7 +51,8 @@ def ema_multi_avg_fn(decay: float = 0.9998, tau: float = 2000.0) -> Callable[[li
 
     ``AveragedModel`` calls it once per (device, dtype) group with the averaged tensors, the model's tensors and the
     number of updates before this one (``n_averaged``, >= 1: the first update is a copy), so this is update
-    ``n_averaged + 1``. Floating-point groups are updated in place with one ``torch._foreach_lerp_``; others copied.
+    ``n_averaged + 1``. Floating-point groups are updated in place with one ``torch._foreach_lerp_`` whose weight
+``1 - d`` (:func:`ema_decay`) is computed on the device, without a host sync; others are copied.
 
     Raises:
         ValueError: ``decay`` outside ``[0, 1)`` or ``tau`` <= 0.
@@ -62,8 +63,10 @@ def ema_multi_avg_fn(decay: float = 0.9998, tau: float = 2000.0) -> Callable[[li
     def update(ema_tensors: list[torch.Tensor], model_tensors: list[torch.Tensor],
                num_averaged: torch.Tensor | int) -> None:
         if ema_tensors[0].is_floating_point():
-            d = ema_decay(int(num_averaged) + 1, decay, tau)
-            torch._foreach_lerp_(ema_tensors, model_tensors, 1.0 - d)
+            # 1 - d on the device: reading num_averaged (a device tensor) to the host would sync every step
+            updates = torch.as_tensor(num_averaged, device=ema_tensors[0].device).to(torch.float32) + 1
+            weight = 1.0 - decay * (1.0 - torch.exp(-updates / tau))
+            torch._foreach_lerp_(ema_tensors, model_tensors, weight.to(ema_tensors[0].dtype))
         else:
             torch._foreach_copy_(ema_tensors, model_tensors)
 
