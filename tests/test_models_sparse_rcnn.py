@@ -161,6 +161,9 @@ def test_roi_pooling_equals_roi_align_on_mapped_level():
     tv = MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 7, 2)
     ref = tv(dict(zip(["p2", "p3", "p4", "p5"], feats)), boxes, [(256, 320)] * 2)
     torch.testing.assert_close(PyramidRoIAlign(aligned=False)(feats, boxes), ref)
+    # the batched [B, N, 4] form (what the model and its ONNX graph use) pools the same rows in the same order
+    same_n = [boxes[0][:2], boxes[1]]
+    torch.testing.assert_close(pool(feats, torch.stack(same_n)), pool(feats, same_n))
     # a box with one negative side has no level and pools zeros
     flipped = pool(feats, [torch.tensor([[50.0, 10.0, 20.0, 60.0]]), torch.zeros(0, 4)])
     assert flipped.shape == (1, 3, 7, 7) and torch.all(flipped == 0)

@@ -368,7 +368,8 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
     The graph (module docstring) has a dynamic batch and, when ``dynamic``, dynamic height and width; the file's
     ``metadata_props`` hold :func:`onnx_metadata`. The check runs onnxruntime and PyTorch on a random input of the
     export size (query and DETR models: with ``image_sizes`` smaller than the input, so the padding masks and
-    box scales are checked too) and, for a dynamic graph, on a second size (64 px more in each side).
+    box scales are checked too), then on a batch of two (the batch axis is dynamic for every graph) at, for a
+    dynamic graph, a second size (64 px more in each side).
 
     Args:
         model: the trained detector; cfg: its config (score mode, max detections, class names, test sizes).
@@ -424,9 +425,12 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
         options.log_severity_level = 3  # not the warning that the image_sizes default is no constant (intended)
         session = ort.InferenceSession(str(tmp), options, providers=["CPUExecutionProvider"])
         _check_run(session, wrapper, example, sizes, out, "a random input")
-        if dynamic:
-            other = torch.randn(1, 3, height + 64, width + 64, generator=generator)
-            _check_run(session, wrapper, other, sizes, out, f"a random {height + 64}x{width + 64} input")
+        # the batch axis is dynamic for every graph: check a batch of two images with different image_sizes, at a
+        # second size where height/width are dynamic too
+        h2, w2 = (height + 64, width + 64) if dynamic else (height, width)
+        other = torch.randn(2, 3, h2, w2, generator=generator)
+        sizes2 = torch.cat([sizes, torch.tensor([[h2, w2]])])
+        _check_run(session, wrapper, other, sizes2, out, f"a random batch of 2 at {h2}x{w2}")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

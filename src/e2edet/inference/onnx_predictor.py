@@ -55,7 +55,7 @@ class OnnxPredictor(BasePredictor):
     PyTorch model, which moves scores slightly where the model normalises over the whole input).
 
     Images go through the graph one at a time by default (:attr:`batch_size` 1): each is padded only to its own
-    size, as in :meth:`predict_files`, and Sparse R-CNN graphs run only the batch size they were traced with.
+    size, as in :meth:`predict_files`; every graph also takes larger batches (checked at export).
 
     Args:
         path: the ``.onnx`` file. device: ``cpu``, ``auto`` or ``cuda[:N]`` (needs onnxruntime-gpu).

@@ -64,28 +64,40 @@ class PyramidRoIAlign(nn.Module):
         pixel boxes, concatenated in image order."""
         return self.mapper(boxes)
 
-    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+    def forward(self, features: list[Tensor], boxes: list[Tensor] | Tensor) -> Tensor:
         """``features``: per level ``[B, C, H_l, W_l]`` (strides ``self.strides``); ``boxes``: per image ``[N_b, 4]``
-        xyxy pixels of the padded input -> ``[sum_b N_b, C, S, S]`` in image-major order.
+        xyxy pixels of the padded input, or one ``[B, N, 4]`` tensor (the same ``N`` per image) -> ``[sum_b N_b, C,
+        S, S]`` in image-major order.
 
-        No gradient reaches ``boxes`` (torchvision's ``roi_align`` has none for the boxes).
+        The tensor form builds the RoI batch indices with tensor ops, so a traced (ONNX) graph keeps a dynamic batch
+        size (a list taken with ``unbind`` would be traced as a split into a fixed number of images). No gradient
+        reaches ``boxes`` (torchvision's ``roi_align`` has none for the boxes).
 
         Raises:
             ValueError: wrong number of levels or images.
         """
-        if len(features) != len(self.strides) or len(boxes) != features[0].shape[0]:
+        num_images = boxes.shape[0] if isinstance(boxes, Tensor) else len(boxes)
+        if len(features) != len(self.strides) or num_images != features[0].shape[0]:
             raise ValueError(f"PyramidRoIAlign: got {len(features)} levels for strides {self.strides} and "
-                             f"{len(boxes)} box lists for a batch of {features[0].shape[0]}")
-        boxes = [b.detach() for b in boxes]
-        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
-        levels = self.levels(boxes)
+                             f"{num_images} box lists for a batch of {features[0].shape[0]}")
+        if isinstance(boxes, Tensor):
+            boxes = boxes.detach()
+            # image index of every box, [B, N, 1], from a cumulative sum so that the batch size stays symbolic
+            image_index = torch.cumsum(torch.ones_like(boxes[..., :1]), dim=0) - 1
+            rois = torch.cat([image_index, boxes], dim=-1).flatten(0, 1)
+            levels = self.levels([rois[:, 1:]])
+        else:
+            boxes = [b.detach() for b in boxes]
+            rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
+            levels = self.levels(boxes)
         pooled = []
         for level, (feat, stride) in enumerate(zip(features, self.strides)):
             idx = torch.where(levels == level)[0]
             pooled.append((idx, roi_align(feat, rois[idx].to(feat.dtype), self.output_size, 1.0 / stride,
                                           self.sampling_ratio, self.aligned)))
         dtype = pooled[0][1].dtype
-        result = rois.new_zeros((len(rois), features[0].shape[1], self.output_size, self.output_size), dtype=dtype)
+        result = rois.new_zeros((rois.shape[0], features[0].shape[1], self.output_size, self.output_size),
+                                dtype=dtype)
         for idx, out in pooled:
             result[idx] = out.to(dtype)
         return result
@@ -198,7 +210,7 @@ class SparseRCNN(nn.Module):
             and ``pred_scales`` float32 ``[B', N, 4]``.
         """
         boxes = state.reference
-        roi_feats = self.roi_pool(features, list(boxes.unbind(0)))
+        roi_feats = self.roi_pool(features, boxes)
         content, head = stage(state.content, roi_feats)
         if self.drmm:
             new_boxes = boxes + head["box_deltas"].float()
