@@ -95,7 +95,8 @@ def build_datasets(cfg: Config, train: bool = True) -> Datasets:
                               f"({paths.test_json}) vs {val.class_names} ({paths.val_json})")
     train_ds = None
     if train:
-        tf = build_train_transforms(d.train_min_sizes, d.train_max_size, d.flip_prob, d.crop)
+        tf = build_train_transforms(d.train_min_sizes, d.train_max_size, d.flip_prob, d.crop, d.vflip_prob,
+                                    d.transpose_prob)
         train_ds = CocoDetection(paths.train_json, paths.train_images, tf, filter_empty=d.filter_empty)
         if train_ds.class_names != val.class_names:
             raise ConfigError(

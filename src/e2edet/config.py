@@ -42,7 +42,10 @@ class DataConfig(Section):
     :func:`e2edet.data.datasets.resolve_dataset`. ``val_fraction`` is the share of the training images held out
     (seeded, the same split for every ``train.seed``) when the dataset has no validation split.
     Sizes are in pixels: training picks the shorter side from ``train_min_sizes`` (longer side capped at
-    ``train_max_size``); evaluation resizes the shorter side to ``test_min_size``.
+    ``train_max_size``); evaluation resizes the shorter side to ``test_min_size``. ``flip_prob``, ``vflip_prob`` and
+    ``transpose_prob`` are the probabilities of the horizontal flip, the vertical flip and the axis swap
+    (:class:`e2edet.data.transforms.RandomTranspose`; 0.5 each = the 8 orientations of the square, for images with no
+    "up" such as aerial views).
     """
 
     dataset: str = "trees"
@@ -51,6 +54,8 @@ class DataConfig(Section):
     test_min_size: Int = Field(800, ge=1)
     test_max_size: Int = Field(1333, ge=1)
     flip_prob: Float = Field(0.5, ge=0, le=1)
+    vflip_prob: Float = Field(0.0, ge=0, le=1)
+    transpose_prob: Float = Field(0.0, ge=0, le=1)
     crop: bool = False
     filter_empty: bool = True
     val_fraction: Float = Field(0.1, gt=0, lt=1)

@@ -18,8 +18,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "RandomRelativeCrop", "ResizeShortestEdge", "build_train_transforms",
-    "build_eval_transforms",
+    "IMAGENET_MEAN", "IMAGENET_STD", "RandomRelativeCrop", "RandomTranspose", "ResizeShortestEdge",
+    "build_train_transforms", "build_eval_transforms",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,6 +82,47 @@ class RandomRelativeCrop(v2.Transform):
         return F.crop(inpt, **params)
 
 
+class RandomTranspose(v2.Transform):
+    """Swap the image axes (reflection about the main diagonal) with probability ``p``.
+
+    Pixel ``(y, x)`` moves to ``(x, y)``: the image ``[..., H, W]`` becomes ``[..., W, H]``, an XYXY box
+    ``(x1, y1, x2, y2)`` becomes ``(y1, x1, y2, x2)`` on a ``(W, H)`` canvas, masks are transposed like the image.
+    Exact (no resampling). With independent horizontal and vertical flips of probability 0.5 and ``p = 0.5`` every
+    one of the 8 symmetries of the square (rotations by multiples of 90 degrees and their mirror images) is equally
+    likely: the orientation augmentation of nadir aerial and microscopy images, whose content has no "up" (as
+    Ultralytics' ``flipud`` for aerial data). Randomness comes from torch's global generator.
+
+    Raises:
+        ValueError: ``p`` not in ``[0, 1]``; TypeError: boxes not in XYXY format.
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0 <= p <= 1:
+            raise ValueError(f"RandomTranspose: p must be in [0, 1], got {p}")
+        self.p = float(p)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Draw whether to transpose (one draw per sample, also when ``p`` is 0 or 1)."""
+        return {"apply": bool(torch.rand(()) < self.p)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Transpose one input (image, boxes or mask); other inputs pass through."""
+        if not params["apply"]:
+            return inpt
+        if isinstance(inpt, tv_tensors.BoundingBoxes):
+            if inpt.format != tv_tensors.BoundingBoxFormat.XYXY:
+                raise TypeError(f"RandomTranspose: boxes must be XYXY, got {inpt.format}")
+            height, width = inpt.canvas_size
+            return tv_tensors.wrap(inpt[..., [1, 0, 3, 2]], like=inpt, canvas_size=(width, height))
+        if isinstance(inpt, PIL.Image.Image):
+            return inpt.transpose(PIL.Image.Transpose.TRANSPOSE)
+        if isinstance(inpt, torch.Tensor) and inpt.dim() >= 2:
+            out = inpt.transpose(-1, -2).contiguous()
+            return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+        return inpt
+
+
 class ResizeShortestEdge(v2.Transform):
     """Resize so the shorter side is one of ``min_sizes`` (chosen uniformly) and the longer side is at
     most ``max_size`` pixels, keeping the aspect ratio (detectron2's ``ResizeShortestEdge``).
@@ -121,11 +162,13 @@ def _tail() -> list[v2.Transform]:
 
 
 def build_train_transforms(
-    min_sizes: Sequence[int] | int, max_size: int, flip_prob: float = 0.5, crop: bool = False
+    min_sizes: Sequence[int] | int, max_size: int, flip_prob: float = 0.5, crop: bool = False,
+    vflip_prob: float = 0.0, transpose_prob: float = 0.0,
 ) -> v2.Compose:
-    """Training augmentation: flip, optional crop, multi-scale resize, cleanup, normalisation.
+    """Training augmentation: flips, optional crop, multi-scale resize, cleanup, normalisation.
 
-    Steps: ``RandomHorizontalFlip(flip_prob)``; if ``crop``, :class:`RandomRelativeCrop` (p = 0.5, sides
+    Steps: ``RandomHorizontalFlip(flip_prob)``; ``RandomVerticalFlip(vflip_prob)`` and
+    :class:`RandomTranspose` ``(transpose_prob)`` when their probabilities are above 0; if ``crop``, :class:`RandomRelativeCrop` (p = 0.5, sides
     50–100 %) before resizing; :class:`ResizeShortestEdge` (shorter side = one of ``min_sizes`` chosen
     uniformly, scaled down further if the longer side would exceed ``max_size``);
     ``SanitizeBoundingBoxes(min_size=1)`` (drops boxes under 1 px and their ``labels``);
@@ -136,6 +179,8 @@ def build_train_transforms(
         max_size: upper bound of the longer side in pixels.
         flip_prob: probability of the horizontal flip.
         crop: add the random relative crop.
+        vflip_prob, transpose_prob: probabilities of the vertical flip and of the axis swap (0 = not used; 0.5 and
+            0.5 with ``flip_prob`` 0.5 draw the 8 orientations of the square uniformly).
 
     Returns:
         A ``v2.Compose`` called as ``image, target = t(image, target)``.
@@ -149,6 +194,10 @@ def build_train_transforms(
     if max_size < max(sizes):
         raise ValueError(f"build_train_transforms: max_size {max_size} is smaller than max(min_sizes) {max(sizes)}")
     steps: list[v2.Transform] = [v2.RandomHorizontalFlip(p=flip_prob)]
+    if vflip_prob > 0:
+        steps.append(v2.RandomVerticalFlip(p=vflip_prob))
+    if transpose_prob > 0:
+        steps.append(RandomTranspose(p=transpose_prob))
     if crop:
         steps.append(RandomRelativeCrop(min_scale=0.5, p=0.5))
     steps += [ResizeShortestEdge(sizes, max_size), v2.SanitizeBoundingBoxes(min_size=1.0)]
