@@ -155,8 +155,10 @@ def build_loader(
     position)`` through :class:`SeededSamples`; the sampler's ``set_epoch(e, start=k)`` selects the order of
     epoch ``e`` and skips its first ``k`` samples (exact mid-epoch resume with any number of workers). Evaluation:
     sequential (each process gets a :class:`ShardSampler` slice when distributed). Both keep the last,
-    partial batch, use :func:`~e2edet.data.collate.collate`, seed workers with :func:`seed_worker` from a
-    generator seeded with ``seed``, and do not keep workers alive between epochs.
+    partial batch, use :func:`~e2edet.data.collate.collate` and seed workers with :func:`seed_worker` from a
+    generator seeded with ``seed``. Training workers persist across epochs (starting them again at every epoch
+    start cost seconds per epoch on short CPU epochs); the sampler runs in the main process and every sample is
+    seeded on its own, so the batches are the same as with fresh workers. Evaluation workers end with each pass.
 
     Args:
         dataset: map-style dataset of ``(image, target)`` samples.
@@ -195,6 +197,7 @@ def build_loader(
         collate_fn=functools.partial(collate, size_divisibility=size_divisibility),
         worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
+        persistent_workers=train and workers > 0,
         drop_last=False,
     )
+

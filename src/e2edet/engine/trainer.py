@@ -25,6 +25,7 @@ from e2edet.engine.logger import MetricsLogger, is_loss_key, lookup, plot_losses
 from e2edet.engine.optim import base_lr, build_optimizer, build_scheduler
 from e2edet.engine.rng import capture_rng_state, preserve_rng_state, restore_rng_state, seed_everything
 from e2edet.engine.signals import StopSignals, TrainingInterrupted
+from e2edet.utils import shutdown_workers
 from e2edet.utils.dist import get_rank, get_world_size, is_dist, is_main_process
 
 
@@ -146,7 +147,9 @@ class Trainer:
         self.checkpoint_every = int(getattr(cfg, "checkpoint_every", 0) or 0)
 
     def close(self) -> None:
-        """Destroy the process group if this trainer created it (call once all distributed work is done)."""
+        """End the training loader's persistent workers and destroy the process group if this trainer created it
+        (call once all distributed work is done)."""
+        shutdown_workers(self.loader)
         if self._owns_process_group and is_dist():
             dist.destroy_process_group()
             self._owns_process_group = False
