@@ -20,6 +20,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import StochasticDepth
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from e2edet.models.folded_bn import fold_frozen_batch_norms
+
 __all__ = ["Backbone", "SwinBody", "build_backbone", "BACKBONES", "freeze_module"]
 
 # Child-module names of each freezing stage (stem first) and of the C3/C4/C5 taps.
@@ -79,7 +81,8 @@ def frozen_bn_like(model: nn.Module, keys: Iterable[str]) -> nn.Module:
     otherwise; a model rebuilt from a run's config *without* downloading ImageNet weights (to load trained
     weights over them) must still have the frozen layers the run trained with. A ``BatchNorm2d`` whose
     ``<name>.running_mean`` is among ``keys`` but ``<name>.num_batches_tracked`` is not (``FrozenBatchNorm2d`` has
-    none) becomes a ``FrozenBatchNorm2d``, in place; returns ``model``.
+    none) becomes a ``FrozenBatchNorm2d``, in place, and is folded into its conv
+    (:func:`e2edet.models.folded_bn.fold_frozen_batch_norms`); returns ``model``.
     """
     keys = set(keys)
     for name, child in list(model.named_modules()):
@@ -87,6 +90,7 @@ def frozen_bn_like(model: nn.Module, keys: Iterable[str]) -> nn.Module:
                 and f"{name}.num_batches_tracked" not in keys):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, _to_frozen_bn(child))
+    fold_frozen_batch_norms(model)
     return model
 
 
@@ -284,4 +288,5 @@ def build_backbone(
         for child in stage:
             setattr(trunk, child, freeze_module(getattr(trunk, child)))
     body = IntermediateLayerGetter(trunk, return_layers={t: f"c{i + 2}" for i, t in enumerate(taps) if i >= first})
+    fold_frozen_batch_norms(body)  # exact, and a frozen norm no longer costs two passes over its feature map
     return Backbone(key, body, channels[first:], [4, 8, 16, 32][first:])
