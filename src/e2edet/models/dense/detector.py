@@ -40,6 +40,9 @@ class DenseDetector(nn.Module):
         max_filter_gn: GroupNorm inside 3DMF.
         freeze_at: backbone stages to freeze (cvpods ``FREEZE_AT``).
         norm: backbone norm (``None`` = FrozenBN when pretrained, BN otherwise).
+        channels_last: keep the 4D weights in NHWC (``torch.channels_last``) memory layout and convert the input to
+            it: the same function, faster convolutions on CPU (oneDNN); the layout survives ``load_state_dict``,
+            ``.to(device)`` and the optimizer's state.
 
     Attributes:
         num_classes, strides (``[8, 16, 32, 64, 128]``), backbone, fpn, head. A trained model is rebuilt from the
@@ -60,6 +63,7 @@ class DenseDetector(nn.Module):
         norm: str | None = None,
         ctr_convs: int = 0,
         ctr_channels: int = 64,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -79,6 +83,9 @@ class DenseDetector(nn.Module):
             ctr_channels=ctr_channels,
         )
         self._point_cache: dict[tuple, tuple] = {}
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def _anchor_points(self, sizes: list[tuple[int, int]], device: torch.device) -> tuple:
         """float32 ``anchor_points`` for these level sizes, cached per (sizes, device); no caching while tracing or
@@ -114,6 +121,8 @@ class DenseDetector(nn.Module):
                 (:func:`e2edet.models.inputs.check_inputs`).
         """
         check_inputs(images, image_sizes)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.fpn(self.backbone(images))
         head_out = self.head(features)
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
