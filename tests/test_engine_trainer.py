@@ -344,3 +344,25 @@ def test_resumed_progress_bar_counts_the_whole_epoch(tmp_path, monkeypatch, epoc
     _Bar.opened.clear()
     _seeded_trainer(tmp_path, cfg).fit(resume=tmp_path)
     assert _Bar.opened == bars
+
+
+def test_compile_trains_through_the_compiled_module_and_saves_the_plain_one(tmp_path, monkeypatch):
+    compiled = []
+
+    class Compiled(nn.Module):  # what torch.compile returns: a wrapper calling the module (no real compilation here)
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod = module
+            self.calls = 0
+
+        def forward(self, *args):
+            self.calls += 1
+            return self._orig_mod(*args)
+
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(Compiled(module)) or compiled[-1])
+    trainer = make_trainer(tmp_path, make_cfg(epochs=1, compile=True))
+    assert trainer.ddp_model is compiled[0] and compiled[0]._orig_mod is trainer.model
+    trainer.fit()
+    assert compiled[0].calls == 2  # every training step went through it
+    state, _ = load_weights(tmp_path)
+    assert set(state) == set(TinyDetector().state_dict())  # plain keys, no "_orig_mod." prefix

@@ -83,7 +83,7 @@ class Trainer:
         train_loader: yields ``(images [B, 3, H, W], targets)`` (the collate contract) and has ``len()``; its
             sampler's ``set_epoch(epoch)`` is called at each epoch start if present.
         cfg: object with the TrainConfig fields (epochs, max_iters, optimizer, lr, ..., log_period, eval_period,
-            checkpoint_period, checkpoint_every, device, amp, seed, clip_grad_norm; optional ema, ema_decay,
+            checkpoint_period, checkpoint_every, device, amp, seed, clip_grad_norm; optional compile, ema, ema_decay,
             ema_tau). ``checkpoint_period`` counts epochs, ``checkpoint_every`` iterations (0 = off); both write
             ``checkpoints/last``, and a run resumed from a mid-epoch checkpoint continues exactly where it stopped
             (the loader's :class:`~e2edet.data.loader.EpochShuffleSampler` skips the samples already seen).
@@ -133,6 +133,8 @@ class Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=bool(getattr(cfg, "find_unused_parameters", False)))
+        if getattr(cfg, "compile", False):  # only the training forward; saving and evaluation use self.model
+            self.ddp_model = torch.compile(self.ddp_model)
         self.logger = MetricsLogger(self.run_dir, enabled=is_main_process(),
                                     tensorboard=bool(getattr(cfg, "tensorboard", False)))
         self.epoch = 0  # finished epochs
