@@ -164,16 +164,3 @@ def test_invalid_arguments():
     with pytest.raises(ValueError):
         MaxFiltering3D(4, tau=-1)
 
-
-@pytest.mark.parametrize("k", [1, 3, 5])
-def test_box_max_equals_max_pool2d_values_and_gradients(k):
-    from e2edet.models.dense.max_filter import _box_max
-
-    x = torch.randn(2, 3, 7, 9, dtype=torch.float64, requires_grad=True)  # continuous values: no ties
-    y = x.detach().clone().requires_grad_(True)
-    out, ref = _box_max(x, k), F.max_pool2d(y, k, stride=1, padding=k // 2)
-    assert torch.equal(out, ref)
-    weights = torch.randn_like(ref)
-    (out * weights).sum().backward()
-    (ref * weights).sum().backward()
-    torch.testing.assert_close(x.grad, y.grad)
