@@ -200,4 +200,3 @@ def build_loader(
         persistent_workers=train and workers > 0,
         drop_last=False,
     )
-
