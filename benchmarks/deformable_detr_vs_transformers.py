@@ -19,8 +19,6 @@ transformers. The numbers depend on the machine; both run in this one process.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -28,22 +26,9 @@ from e2edet.build import build_criterion
 from e2edet.config import Config, apply_overrides
 from e2edet.models.detr.convert import from_transformers
 from e2edet.models.detr.deformable_detr import DeformableDETR
+from timing import timed_pairs  # benchmarks/timing.py (the script's folder is on sys.path)
 
 VARIANTS = {"plain": {}, "refine": {"with_box_refine": True}, "two_stage": {"with_box_refine": True, "two_stage": True}}
-
-
-def _timed_pairs(fn_a, fn_b, iters: int) -> tuple[float, float, float]:
-    """Median seconds of ``fn_a`` and ``fn_b`` and the median of the per-pair ratios a / b, timed alternately (one
-    warm-up each), so a slow spell of the machine weighs on both sides alike."""
-    fn_a(), fn_b()
-    times_a, times_b = [], []
-    for _ in range(iters):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    ratios = [ta / tb for ta, tb in zip(times_a, times_b)]
-    return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
 
 
 def main() -> None:
@@ -120,7 +105,7 @@ def main() -> None:
         for m in (hf, ours):
             m.train(mode == "train")
         with torch.set_grad_enabled(mode == "train"):
-            rows.append((name, *_timed_pairs(fn_ours, fn_hf, args.iters)))
+            rows.append((name, *timed_pairs(fn_ours, fn_hf, args.iters)))
     print(f"Deformable DETR ({args.variant}), R-50, d={args.width}, {args.layers}+{args.layers} layers, "
           f"{args.queries} queries, batch {b} of {s}x{s}, {args.threads} threads, median of {args.iters}")
     print(f"| {'':14} | e2edet s | transformers s | ratio |")

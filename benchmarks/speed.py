@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -55,6 +53,7 @@ from e2edet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from e2edet.export import export_onnx
 from e2edet.inference import OnnxPredictor, Predictor
 from e2edet.recipes import get_recipe
+from timing import timed_pairs  # benchmarks/timing.py (the script's folder is on sys.path)
 
 DENSE = ["fcos_mnv2_cpu", "poto_mnv2_cpu", "poto_argmax_mnv2_cpu", "poto_3dmf_mnv2_cpu", "defcn_mnv2_cpu",
          "o2f_mnv2_cpu"]
@@ -128,20 +127,6 @@ def tv_train_step_fn(model: FCOS, batch):
         opt.step()
 
     return step
-
-
-def timed_pairs(fn_a, fn_b, iters: int) -> tuple[float, float, float]:
-    """Median seconds of ``fn_a`` and ``fn_b`` and the median per-pair ratio a / b, timed alternately after one
-    warm-up call each."""
-    fn_a(), fn_b()
-    times_a, times_b = [], []
-    for _ in range(iters):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return (statistics.median(times_a), statistics.median(times_b),
-            statistics.median(a / b for a, b in zip(times_a, times_b)))
 
 
 def _status_mb(field: str) -> float:
