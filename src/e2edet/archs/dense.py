@@ -45,8 +45,9 @@ class DenseLossSection(Section):
     or ``o2f`` (one-to-few: ``o2f_topk``, ``soft_weight``, ``max_soft_weight``, ``max_t`` -> ``min_t``,
     ``o2f_neg_weight``). ``score``: the score the one-to-one loss and
     quality use, ``cls``, ``cls_filter`` (3DMF) or ``cls_ctr`` (O2F). ``aux``: DeFCN's auxiliary one-to-many focal
-    loss (``aux_topk``, ``aux_weight``). ``keep_infeasible``: keep Hungarian matches outside a GT's prior (official
-    DeFCN; see :class:`e2edet.assign.poto.POTOAssigner`). ``focal_alpha`` < 0 disables the alpha term.
+    loss (``aux_topk``, ``aux_weight``). ``keep_infeasible``: keep Hungarian matches outside a GT's prior (POTO and
+    ``fg_loss``; official DeFCN; see :class:`e2edet.assign.poto.POTOAssigner`). ``focal_alpha`` < 0 disables the
+    alpha term.
     """
 
     assigner: Literal["fcos", "atss", "poto", "poto_argmax", "anchor", "center", "fg_loss", "o2f"] = "poto"

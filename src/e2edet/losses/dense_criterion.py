@@ -90,8 +90,8 @@ class DenseCriterion(nn.Module):
             box).
         aux_topk: Aux candidates per GT per level (9).
         aux_weight: weight of ``loss_cls_aux`` (1.0).
-        keep_infeasible: POTO Hungarian keeps matches outside the prior, as the official code does (default False:
-            dropped; see :class:`~e2edet.assign.poto.POTOAssigner`).
+        keep_infeasible: the Hungarian assigners (POTO, Foreground loss) keep matches outside the prior, as the
+            official code does (default False: dropped; see :class:`~e2edet.assign.poto.POTOAssigner`).
         o2f_topk, soft_weight, max_soft_weight, max_t, min_t: O2F constants (7, 0.4, 1.0, 0.6, 0.2; see
             :class:`~e2edet.assign.o2f.O2FAssigner`); o2f_neg_weight: scale of the O2F negative term (0.75).
         scale_ranges: FCOS per-level ``(lo, hi)`` ranges in pixels (FCOS and Center).
