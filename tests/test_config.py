@@ -24,7 +24,7 @@ def test_overrides_return_a_copy():
 @pytest.mark.parametrize("override, message", [
     ("train.epoch=3", "did you mean train.epochs"),
     ("train.epochs=abc", "expects an integer"),
-    ("loss.assigner=hungarian", "is not one of fcos, poto, poto_argmax"),
+    ("loss.assigner=hungarian", "is not one of fcos, atss, poto, poto_argmax, anchor, center, fg_loss, o2f"),
     ("model.pretrained=maybe", "expects true/false"),
     ("train", "not of the form key=value"),
     ("train.lr=-1", "train.lr must be > 0"),
@@ -102,7 +102,7 @@ def test_recipes_cover_the_published_variants():
     ("data.test_max_size=0", "data.test_max_size must be >= 1"),
     ("data.flip_prob=2", "data.flip_prob must be in [0, 1]"),
     ("loss.focal_gamma=-1", "loss.focal_gamma must be >= 0"),
-    ("loss.center_radius=0", "loss.center_radius must be > 0"),
+    ("loss.center_radius=-1", "loss.center_radius must be >= 0"),
     ("loss.o2f_topk=0", "loss.o2f_topk must be >= 1"),
     ("loss.giou_weight=nan", "loss.giou_weight must be a finite number"),
     ("model.num_classes=-2", "model.num_classes must be >= 0"),

@@ -12,6 +12,7 @@ from e2edet.assign.poto import POTOAssigner
 from e2edet.losses.dense_criterion import DenseCriterion
 from e2edet.losses.focal import prob_focal_loss
 from e2edet.models.dense.points import anchor_points
+from e2edet.ops.boxes import square_boxes
 
 LOG2 = math.log(2.0)
 
@@ -38,6 +39,7 @@ def _outputs(batch, num_classes, seed=0, requires_grad=True):
         "strides": strides,
         "levels": levels,
         "num_points_per_level": counts,
+        "anchors": square_boxes(points, strides * 4.0),  # read by assigner="anchor" only
     }
     return out
 
@@ -56,6 +58,13 @@ CONFIGS = [
     {"assigner": "poto_argmax"},
     {"assigner": "poto", "score": "cls_filter"},
     {"assigner": "poto", "score": "cls_filter", "aux": True},
+    {"assigner": "fcos", "centerness": False},
+    # 4-stride anchors: on this 2-level toy pyramid the default 8-stride anchors all contain the small GTs, the
+    # candidates' IoUs take two values and mean + std lies above both (no positive, the official rule too)
+    {"assigner": "atss", "atss_anchor_scale": 4.0},
+    {"assigner": "anchor"},
+    {"assigner": "center"},
+    {"assigner": "fg_loss"},
 ]
 
 
@@ -183,9 +192,44 @@ def test_defaults_and_validation():
     assert DenseCriterion(2, assigner="fcos").reg_weight == 1.0
     assert DenseCriterion(2, assigner="poto").reg_weight == 2.0
     assert DenseCriterion(2, assigner="poto", reg_weight=3.0).reg_weight == 3.0
+    assert DenseCriterion(2, assigner="atss").reg_weight == 2.0
     with pytest.raises(ValueError):
-        DenseCriterion(2, assigner="atss")
-    with pytest.raises(ValueError):
-        DenseCriterion(2, assigner="fcos", score="cls_filter")
+        DenseCriterion(2, assigner="retina")
+    for assigner in ("fcos", "atss", "anchor", "center", "fg_loss"):
+        with pytest.raises(ValueError, match="score='cls'"):
+            DenseCriterion(2, assigner=assigner, score="cls_filter")
     with pytest.raises(ValueError):
         DenseCriterion(2, assigner="poto")(_outputs(1, 3), _targets()[:1])
+
+
+def test_fcos_without_centerness_is_plain_giou_over_positives():
+    """``fcos...3x_ms.wo_ctrness/fcos.py``: no centerness loss, GIoU unweighted / N_pos (REG_WEIGHT absent: 1)."""
+    outputs = _outputs(2, 3, seed=6, requires_grad=False)
+    targets = _targets()
+    losses = DenseCriterion(3, assigner="fcos", centerness=False)(outputs, targets)
+    asg = DenseCriterion(3, assigner="fcos").assign(outputs, targets)
+    pos = asg.pos_mask
+    giou = generalized_box_iou_loss(outputs["pred_boxes"][pos], asg.box_targets[pos], reduction="sum")
+    assert "loss_ctr" not in losses and losses["num_pos"].item() == pos.sum().item()
+    assert losses["loss_box"].item() == pytest.approx(giou.item() / pos.sum().item(), rel=1e-5)
+    with_ctr = DenseCriterion(3, assigner="atss", atss_anchor_scale=4.0)(outputs, targets)
+    assert "loss_ctr" in with_ctr and with_ctr["num_fg_per_gt"].item() > 1
+
+
+@pytest.mark.parametrize("assigner", ["anchor", "center", "fg_loss"])
+def test_one_to_one_baselines_train_like_poto(assigner):
+    """Same losses as plain POTO: logit focal / N_pos and 2 x GIoU / N_pos, at most one positive per GT."""
+    outputs = _outputs(2, 3, seed=7, requires_grad=False)
+    targets = _targets()
+    crit = DenseCriterion(3, assigner=assigner)
+    losses = crit(outputs, targets)
+    asg = crit.assign(outputs, targets)
+    pos = asg.pos_mask
+    n = max(1.0, pos.sum().item())
+    cls = torchvision.ops.sigmoid_focal_loss(outputs["pred_logits"], asg.one_hot(3), reduction="sum")
+    box = generalized_box_iou_loss(outputs["pred_boxes"][pos], asg.box_targets[pos], reduction="sum")
+    assert losses["loss_cls"].item() == pytest.approx(cls.item() / n, rel=1e-5)
+    assert losses["loss_box"].item() == pytest.approx(2.0 * box.item() / n, rel=1e-5)
+    assert "loss_ctr" not in losses and 1 <= losses["num_pos"].item() <= 3
+    gt = asg.gt_index[0][pos[0]]
+    assert len(set(gt.tolist())) == len(gt)  # one point per GT

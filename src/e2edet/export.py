@@ -35,7 +35,6 @@ from e2edet.models.dense.points import anchor_points
 from e2edet.models.dense.postprocess import class_probabilities
 from e2edet.models.query.postprocess import query_scores
 from e2edet.models.query.sparse_rcnn import SparseRCNN
-from e2edet.ops.boxes import decode_ltrb
 from e2edet.utils import error_text
 
 
@@ -242,8 +241,9 @@ class EndToEndDetector(nn.Module):
     ``forward(images, image_sizes=None)``: ``images`` float32 ``[B, 3, H, W]`` normalised and padded;
     ``image_sizes`` int64 ``[B, 2]`` (h, w) of the unpadded images, where a row of zeros (and None) means the
     whole padded input; returns ``boxes [B, N, 4]`` xyxy pixels of the input, ``scores [B, N]``, ``labels [B, N]``.
-    For dense detectors the boxes are decoded from ``pred_ltrb`` at anchor points built from the traced feature
-    sizes (equal to the model's ``pred_boxes``; the model's own points are Python-int constants under tracing).
+    For dense detectors the boxes are decoded from the regression output (``pred_ltrb``, or ``pred_deltas`` of the
+    anchors) at anchor points built from the traced feature sizes (:meth:`DenseDetector.decode_boxes`; equal to the
+    model's ``pred_boxes``; the model's own points are Python-int constants under tracing).
 
     Args:
         model: a detector obeying the model contract (``docs/architecture.md``): dense, query-based or DETR.
@@ -282,8 +282,8 @@ class EndToEndDetector(nn.Module):
         boxes = out["pred_boxes"]
         if self.dense:
             sizes = [(f.shape[-2], f.shape[-1]) for f in features[0]]
-            points = anchor_points(sizes, self.model.strides, device=images.device)[0]
-            boxes = decode_ltrb(points.unsqueeze(0), out["pred_ltrb"])
+            points, strides = anchor_points(sizes, self.model.strides, device=images.device)[:2]
+            boxes = self.model.decode_boxes(points, strides, out)
         boxes = boxes.gather(1, point.unsqueeze(-1).expand(-1, -1, 4))
         return boxes, scores, index % num_classes
 
@@ -388,7 +388,8 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
     """
     if cfg.test.nms_iou > 0:
         raise ExportError(f"{cfg.name} is evaluated with NMS (test.nms_iou={cfg.test.nms_iou}); export an end-to-end "
-                          "recipe (poto, poto_3dmf, defcn, o2f, sparse_rcnn, adamixer, drmm_*, deformable_detr*)")
+                          "recipe (poto, poto_3dmf, defcn, anchor, center, fg_loss, o2f, sparse_rcnn, adamixer, "
+                          "drmm_*, deformable_detr*)")
     check_size(height, width)
     if cfg.model.arch == "dense" and cfg.test.topk_candidates < cfg.test.max_detections:
         raise ExportError(f"test.topk_candidates={cfg.test.topk_candidates} < test.max_detections="

@@ -20,9 +20,11 @@ __all__ = ["ARCH", "DenseLossSection", "DenseModelSection"]
 class DenseModelSection(ModelSection):
     """``model`` of ``arch: dense``: ``num_convs`` (depth of the cls and box towers), ``centerness`` (+
     ``ctr_convs`` x ``ctr_channels`` convs before it: O2F's 3 x 64), ``max_filter`` (DeFCN's 3D max filtering, with
-    GroupNorm when ``max_filter_gn``), ``channels_last`` (weights and feature maps in NHWC memory layout: the same
-    function, measured 0.86x the training-step time of NCHW on 2 CPU cores for ``defcn_mnv2_cpu``; off by default,
-    on in the ``*_mnv2_cpu`` recipes; unmeasured on GPUs)."""
+    GroupNorm when ``max_filter_gn``), ``box_coder`` (``ltrb``: FCOS distances; ``anchor_deltas``: DeFCN Anchor's
+    (dx, dy, dw, dh) of one square anchor of side ``anchor_size`` strides per location, 4 = 32..512 on P3..P7),
+    ``channels_last`` (weights and feature maps in NHWC memory layout: the same function, measured 0.86x the
+    training-step time of NCHW on 2 CPU cores for ``defcn_mnv2_cpu``; off by default, on in the ``*_mnv2_cpu``
+    recipes; unmeasured on GPUs)."""
 
     arch: Literal["dense"] = "dense"
     num_convs: Int = Field(4, ge=0)
@@ -31,28 +33,35 @@ class DenseModelSection(ModelSection):
     ctr_channels: Int = Field(64, ge=1)
     max_filter: bool = False
     max_filter_gn: bool = True
+    box_coder: Literal["ltrb", "anchor_deltas"] = "ltrb"
+    anchor_size: Float = Field(4.0, gt=0)
     channels_last: bool = False
 
 
 class DenseLossSection(Section):
     """``loss`` of ``arch: dense`` (the arguments of :class:`e2edet.losses.dense_criterion.DenseCriterion`).
 
-    ``assigner``: ``fcos`` (one-to-many), ``poto`` (Hungarian one-to-one on ``p^(1-poto_alpha) IoU^poto_alpha``
-    inside a ``center_radius`` prior), ``poto_argmax`` or ``o2f`` (one-to-few: ``o2f_topk``, ``soft_weight``,
-    ``max_soft_weight``, ``max_t`` -> ``min_t``, ``o2f_neg_weight``). ``score``: the score the one-to-one loss and
+    ``assigner``: ``fcos`` (one-to-many), ``atss`` (one-to-many: ``atss_topk`` nearest points per level, IoU of
+    ``atss_anchor_scale``-stride anchors >= mean + std, inside the box), ``poto`` (Hungarian one-to-one on
+    ``p^(1-poto_alpha) IoU^poto_alpha`` inside a ``center_radius`` prior), ``poto_argmax``, DeFCN's one-to-one
+    baselines ``anchor`` (top-1 anchor IoU; needs ``model.box_coder=anchor_deltas``), ``center`` (nearest point per
+    level within the FCOS scale range) and ``fg_loss`` (Hungarian on focal + ``reg_weight``·GIoU inside the prior),
+    or ``o2f`` (one-to-few: ``o2f_topk``, ``soft_weight``, ``max_soft_weight``, ``max_t`` -> ``min_t``,
+    ``o2f_neg_weight``). ``score``: the score the one-to-one loss and
     quality use, ``cls``, ``cls_filter`` (3DMF) or ``cls_ctr`` (O2F). ``aux``: DeFCN's auxiliary one-to-many focal
-    loss (``aux_topk``, ``aux_weight``). ``keep_infeasible``: keep Hungarian matches outside a GT's prior (official
-    DeFCN; see :class:`e2edet.assign.poto.POTOAssigner`). ``focal_alpha`` < 0 disables the alpha term.
+    loss (``aux_topk``, ``aux_weight``). ``keep_infeasible``: keep Hungarian matches outside a GT's prior (POTO and
+    ``fg_loss``; official DeFCN; see :class:`e2edet.assign.poto.POTOAssigner`). ``focal_alpha`` < 0 disables the
+    alpha term.
     """
 
-    assigner: Literal["fcos", "poto", "poto_argmax", "o2f"] = "poto"
+    assigner: Literal["fcos", "atss", "poto", "poto_argmax", "anchor", "center", "fg_loss", "o2f"] = "poto"
     score: Literal["cls", "cls_filter", "cls_ctr"] = "cls"
     aux: bool = False
     focal_alpha: Float = Field(0.25, le=1)
     focal_gamma: Float = Field(2.0, ge=0)
     reg_weight: Float = Field(2.0, ge=0)
     poto_alpha: Float = Field(0.8, ge=0, le=1)
-    center_radius: Float = Field(1.5, gt=0)
+    center_radius: Float = Field(1.5, ge=0)
     aux_topk: Int = Field(9, ge=1)
     aux_weight: Float = Field(1.0, ge=0)
     keep_infeasible: bool = False
@@ -62,6 +71,8 @@ class DenseLossSection(Section):
     max_t: Float = Field(0.6, ge=0, le=1)
     min_t: Float = Field(0.2, ge=0, le=1)
     o2f_neg_weight: Float = Field(0.75, ge=0)
+    atss_topk: Int = Field(9, ge=1)
+    atss_anchor_scale: Float = Field(8.0, gt=0)
 
 
 def check(cfg, source: str) -> None:
@@ -75,12 +86,14 @@ def check(cfg, source: str) -> None:
     for key, score in (("test.score", cfg.test.score), ("loss.score", loss.score)):
         if score in ("cls_ctr_sqrt", "cls_ctr") and not m.centerness:
             raise ConfigError(f"{source}: {key}={score} needs model.centerness=true")
-    if loss.assigner == "fcos" and not m.centerness:
-        raise ConfigError(f"{source}: loss.assigner=fcos needs model.centerness=true (FCOS centerness loss)")
     if loss.assigner == "o2f" and loss.score != "cls_ctr":
         raise ConfigError(f"{source}: loss.assigner=o2f goes with loss.score=cls_ctr (the joint cls x ctr score)")
-    if loss.assigner == "fcos" and loss.score != "cls":
-        raise ConfigError(f"{source}: loss.assigner=fcos trains on loss.score=cls (the product scores need POTO/O2F)")
+    if loss.assigner in ("fcos", "atss", "anchor", "center", "fg_loss") and loss.score != "cls":
+        raise ConfigError(f"{source}: loss.assigner={loss.assigner} trains on loss.score=cls (the product scores need "
+                          "POTO/O2F)")
+    if loss.assigner == "anchor" and m.box_coder != "anchor_deltas":
+        raise ConfigError(f"{source}: loss.assigner=anchor matches anchor boxes: it needs "
+                          "model.box_coder=anchor_deltas")
 
 
 def build_model(cfg):
@@ -91,14 +104,17 @@ def build_model(cfg):
     return DenseDetector(backbone_name=m.backbone, num_classes=m.num_classes, pretrained=m.pretrained,
                          freeze_at=m.freeze_at, fpn_channels=m.fpn_channels, num_convs=m.num_convs,
                          centerness=m.centerness, ctr_convs=m.ctr_convs, ctr_channels=m.ctr_channels,
-                         max_filter=m.max_filter, max_filter_gn=m.max_filter_gn, channels_last=m.channels_last)
+                         max_filter=m.max_filter, max_filter_gn=m.max_filter_gn, box_coder=m.box_coder,
+                         anchor_size=m.anchor_size, channels_last=m.channels_last)
 
 
 def build_criterion(cfg):
-    """:class:`DenseCriterion`: every key of the ``loss`` section is one of its arguments."""
+    """:class:`DenseCriterion`: every key of the ``loss`` section is one of its arguments; ``centerness`` comes from
+    the model (FCOS/ATSS train and weight by the branch when the model has it, ``wo_ctrness`` otherwise)."""
     from e2edet.losses.dense_criterion import DenseCriterion
 
-    return DenseCriterion(num_classes=cfg.model.num_classes, **cfg.loss.model_dump())
+    return DenseCriterion(num_classes=cfg.model.num_classes, centerness=cfg.model.centerness,
+                          **cfg.loss.model_dump())
 
 
 def build_postprocessor(cfg):

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from e2edet.assign.base import DenseAssignment, assignment_from_gt_index
-from e2edet.assign.prior import inside_box, quality_matrix
+from e2edet.assign.prior import inside_box, mean_std_positives, quality_matrix
 
 
 class AuxAssigner:
@@ -57,11 +57,7 @@ class AuxAssigner:
                 candidates.append(q[:, start : start + n].topk(min(self.topk, n), dim=1).indices + start)
             start += n
         cand = torch.cat(candidates, dim=1)  # [G, C]
-        cand_q = q.gather(1, cand)
-        std = cand_q.std(dim=1, keepdim=True) if cand.shape[1] > 1 else torch.zeros_like(cand_q[:, :1])
-        thr = cand_q.mean(dim=1, keepdim=True) + std
-        is_cand = torch.zeros_like(q, dtype=torch.bool).scatter_(1, cand, True)
-        return is_cand & (q >= thr) & inside_box(points, gt_boxes)
+        return mean_std_positives(q, cand) & inside_box(points, gt_boxes)
 
     @torch.no_grad()
     def __call__(

@@ -115,3 +115,60 @@ def quality_matrix(
     prob = scores.float()[:, gt_labels].t()  # [G, R]
     iou = box_iou(gt_boxes.float(), pred_boxes.float())  # [G, R]
     return poto_quality(prob, iou, alpha)
+
+
+def topk_indices(values: Tensor, k: int, largest: bool = True) -> Tensor:
+    """``int64 [G, k]`` indices of the ``k`` largest (or smallest) entries of each row of ``values`` ``[G, N]``,
+    best first, **first index on ties**.
+
+    ``torch.topk`` leaves the order of tied entries unspecified (and it differs between devices); anchor points
+    equidistant from a GT centre, or two anchors of equal IoU, are common on a regular grid. ``k = 1`` uses
+    ``argmax``/``argmin`` (documented first index), larger ``k`` a stable sort. Requires ``1 <= k <= N``.
+    """
+    if k == 1:
+        return (values.argmax(dim=1) if largest else values.argmin(dim=1)).unsqueeze(1)
+    return values.sort(dim=1, descending=largest, stable=True).indices[:, :k]
+
+
+def nearest_points_per_level(centers: Tensor, points: Tensor, num_points_per_level: list[int], k: int) -> Tensor:
+    """The ``k`` anchor points nearest to each centre on every FPN level (ATSS candidates; DeFCN Center).
+
+    Args:
+        centers: ``float [G, 2]`` (x, y) pixels (GT box centres).
+        points: ``float [R, 2]`` anchor points, levels contiguous (P3 first).
+        num_points_per_level: points per level, summing to ``R``.
+        k: points per level (``min(k, points in the level)`` are taken).
+    Returns:
+        ``int64 [G, C]`` indices into ``points``, ``C = Σ_l min(k, n_l)``, level by level, nearest first.
+    Notes:
+        Euclidean distance, compared as the exact squared distance (same order as ``torch.cdist`` in DeFCN
+        ``center.../fcos.py`` and ``sqrt(Σ d²)`` in ``atss.../atss.py``, without ``cdist``'s matrix-product rounding);
+        ties go to the lower point index (:func:`topk_indices`), where the official ``topk`` leaves them unspecified.
+    """
+    out, start = [], 0
+    for n in num_points_per_level:
+        if n > 0:
+            d2 = (centers[:, None, :] - points[None, start : start + n, :]).pow(2).sum(dim=-1)  # [G, n]
+            out.append(topk_indices(d2, min(k, n), largest=False) + start)
+        start += n
+    if not out:
+        return torch.zeros(centers.shape[0], 0, dtype=torch.int64, device=centers.device)
+    return torch.cat(out, dim=1)
+
+
+def mean_std_positives(values: Tensor, candidates: Tensor) -> Tensor:
+    """ATSS's adaptive threshold: ``bool [G, R]``, True where ``r`` is one of GT ``g``'s ``candidates`` and
+    ``values[g, r] >= mean + std`` of ``values`` over those candidates (unbiased std, as ``Tensor.std``; a GT with a
+    single candidate gets std 0 here instead of NaN).
+
+    Args:
+        values: ``float [G, R]`` (IoU with the anchor boxes in ATSS, the POTO quality in DeFCN's Aux).
+        candidates: ``int64 [G, C]`` candidate indices into ``R`` (distinct per row).
+    Source: ``specs/dense.md`` §2.3 "Aux one-to-many"; DeFCN ``atss.res50.fpn.crowdhuman.800size.30k/atss.py`` and
+    ``poto...3dmf.aux/fcos.py`` ``FCOS.get_aux_ground_truth``.
+    """
+    cand_values = values.gather(1, candidates)
+    std = cand_values.std(dim=1, keepdim=True) if candidates.shape[1] > 1 else torch.zeros_like(cand_values[:, :1])
+    thr = cand_values.mean(dim=1, keepdim=True) + std
+    is_cand = torch.zeros_like(values, dtype=torch.bool).scatter_(1, candidates, True)
+    return is_cand & (values >= thr)

@@ -1,10 +1,13 @@
-"""Training criterion of the FCOS-style dense detectors: FCOS, POTO (Hungarian/argmax), 3DMF product score, Aux,
-and O2F (one-to-few with soft targets).
+"""Training criterion of the FCOS-style dense detectors: FCOS (with or without centerness), ATSS, POTO
+(Hungarian/argmax), DeFCN's one-to-one baselines (Anchor, Center, Foreground loss), 3DMF product score, Aux, and O2F
+(one-to-few with soft targets).
 
-Source: ``specs/dense.md`` §1.4 (FCOS losses), §2.4 (DeFCN losses) and §3.4 (O2F losses); cvpods
+Source: ``specs/dense.md`` §1.4 (FCOS losses), §2.3-2.4 (DeFCN assignments and losses) and §3.4 (O2F losses); cvpods
 ``cvpods/modeling/meta_arch/fcos.py`` ``FCOS.losses``, DeFCN
 ``playground/detection/coco/poto.res50.fpn.coco.800size.3x_ms.3dmf.aux/fcos.py`` ``FCOS.losses`` /
-``FCOS.aux_losses`` and ``strongwolf/o2f`` ``o2f_head.py`` ``O2FHead.loss``.
+``FCOS.aux_losses``, ``fcos.res50.fpn.coco.800size.3x_ms.wo_ctrness/fcos.py``, ``{anchor,center,loss}.res50...``,
+``crowdhuman/atss.res50.fpn.crowdhuman.800size.30k/atss.py`` ``ATSS.losses`` and ``strongwolf/o2f`` ``o2f_head.py``
+``O2FHead.loss``.
 """
 
 from __future__ import annotations
@@ -14,26 +17,45 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
+from e2edet.assign.anchor import AnchorAssigner
+from e2edet.assign.atss import ATSSAssigner
 from e2edet.assign.auxiliary import AuxAssigner
 from e2edet.assign.base import DenseAssignment
+from e2edet.assign.center import CenterAssigner
 from e2edet.assign.fcos import DEFAULT_SCALE_RANGES, FCOSAssigner
+from e2edet.assign.fg_loss import ForegroundLossAssigner
 from e2edet.assign.o2f import O2FAssigner, soft_target_scale
 from e2edet.assign.poto import POTOAssigner
-from e2edet.losses.focal import prob_focal_loss, sigmoid_focal_loss, soft_focal_loss_with_prob
+from e2edet.losses.focal import (
+    prob_focal_loss,
+    sigmoid_focal_loss,
+    soft_focal_loss_with_prob,
+)
 from e2edet.ops.boxes import centerness_target, encode_ltrb
 from e2edet.utils.dist import reduce_mean
 
-ASSIGNERS = ("fcos", "poto", "poto_argmax", "o2f")
+ASSIGNERS = ("fcos", "atss", "poto", "poto_argmax", "anchor", "center", "fg_loss", "o2f")
 SCORES = ("cls", "cls_filter", "cls_ctr")
+#: One-to-many assigners trained with the FCOS losses (centerness-weighted GIoU and centerness BCE when the model has
+#: a centerness branch).
+ONE_TO_MANY = ("fcos", "atss")
+#: DeFCN's one-to-one baselines (§2.3): plain logit focal + ``reg_weight`` · GIoU, like POTO on ``score="cls"``.
+ONE_TO_ONE_BASELINES = ("anchor", "center", "fg_loss")
 
 
 class DenseCriterion(nn.Module):
     """Assignment + named losses for a dense (one point per location) detector. No parameters.
 
-    - ``assigner="fcos"`` (§1.4): ``loss_cls`` = logit sigmoid focal over all points and classes
-      / ``max(1, N_pos_avg)``; ``loss_box`` = ``reg_weight`` · GIoU on positives weighted by the centerness target
+    - ``assigner="fcos"`` (§1.4) or ``"atss"`` (:class:`~e2edet.assign.atss.ATSSAssigner`, DeFCN's CrowdHuman
+      ``atss.py``): ``loss_cls`` = logit sigmoid focal over all points and classes / ``max(1, N_pos_avg)``;
+      ``loss_box`` = ``reg_weight`` · GIoU on positives weighted by the centerness target
       / ``max(1, avg Σ centerness targets)``; ``loss_ctr`` = BCE-with-logits of ``pred_ctr`` on positives against the
-      centerness target / ``max(1, N_pos_avg)``.
+      centerness target / ``max(1, N_pos_avg)``. With ``centerness=False`` (FCOS ``wo_ctrness``): no ``loss_ctr``
+      and ``loss_box`` = ``reg_weight`` · GIoU / ``max(1, N_pos_avg)``, unweighted.
+    - ``assigner="anchor"`` / ``"center"`` / ``"fg_loss"`` (§2.3 one-to-one baselines:
+      :class:`~e2edet.assign.anchor.AnchorAssigner` on ``outputs["anchors"]``,
+      :class:`~e2edet.assign.center.CenterAssigner`, :class:`~e2edet.assign.fg_loss.ForegroundLossAssigner` with the
+      loss's own focal parameters and ``reg_weight`` in its cost): the losses of POTO on ``score="cls"``.
     - ``assigner="poto"`` / ``"poto_argmax"`` (§2.4): POTO one-to-one assignment on
       ``sigmoid(cls)`` (``score="cls"``) or ``sigmoid(cls)·sigmoid(filter)`` (``score="cls_filter"``);
       ``loss_cls`` = logit focal (``cls``) or probability-space focal on the product (``cls_filter``)
@@ -55,25 +77,30 @@ class DenseCriterion(nn.Module):
 
     Args:
         num_classes: ``K``.
-        assigner: ``"fcos"``, ``"poto"``, ``"poto_argmax"`` or ``"o2f"``.
+        assigner: one of :data:`ASSIGNERS`.
         score: ``"cls"``, ``"cls_filter"`` (needs ``outputs["pred_filter"]``) or ``"cls_ctr"`` (needs
             ``outputs["pred_ctr"]``; O2F's joint score); the product scores use the probability-space focal loss with
             POTO.
         aux: add the auxiliary one-to-many classification loss.
         focal_alpha, focal_gamma: focal-loss parameters (0.25, 2.0).
-        reg_weight: weight of ``loss_box``; default 1.0 for FCOS, 2.0 for POTO (``REG_WEIGHT``) and O2F.
+        reg_weight: weight of ``loss_box``; default 1.0 for FCOS, 2.0 otherwise (``REG_WEIGHT``: POTO, the one-to-one
+            baselines, ATSS, O2F).
         poto_alpha: IoU weight of the POTO and Aux quality (0.8).
-        center_radius: center-prior radius in strides for FCOS and POTO (1.5; 0 = inside the box).
+        center_radius: center-prior radius in strides for FCOS, POTO, Foreground loss and O2F (1.5; 0 = inside the
+            box).
         aux_topk: Aux candidates per GT per level (9).
         aux_weight: weight of ``loss_cls_aux`` (1.0).
-        keep_infeasible: POTO Hungarian keeps matches outside the prior, as the official code does (default False:
-            dropped; see :class:`~e2edet.assign.poto.POTOAssigner`).
+        keep_infeasible: the Hungarian assigners (POTO, Foreground loss) keep matches outside the prior, as the
+            official code does (default False: dropped; see :class:`~e2edet.assign.poto.POTOAssigner`).
         o2f_topk, soft_weight, max_soft_weight, max_t, min_t: O2F constants (7, 0.4, 1.0, 0.6, 0.2; see
             :class:`~e2edet.assign.o2f.O2FAssigner`); o2f_neg_weight: scale of the O2F negative term (0.75).
-        scale_ranges: FCOS per-level ``(lo, hi)`` ranges in pixels.
+        scale_ranges: FCOS per-level ``(lo, hi)`` ranges in pixels (FCOS and Center).
+        atss_topk, atss_anchor_scale: ATSS candidates per level per GT (9) and anchor side in strides (8).
+        centerness: the model has a centerness branch, which FCOS/ATSS train and weight the GIoU with (default True;
+            the dense architecture passes ``model.centerness``).
     Raises:
-        ValueError: for an unknown ``assigner``/``score``, a product score with ``assigner="fcos"``, or O2F without
-            ``score="cls_ctr"``.
+        ValueError: for an unknown ``assigner``/``score``, a product score with FCOS/ATSS or a one-to-one baseline,
+            or O2F without ``score="cls_ctr"``.
     """
 
     def __init__(
@@ -97,14 +124,18 @@ class DenseCriterion(nn.Module):
         min_t: float = 0.2,
         o2f_neg_weight: float = 0.75,
         scale_ranges: tuple[tuple[float, float], ...] = DEFAULT_SCALE_RANGES,
+        atss_topk: int = 9,
+        atss_anchor_scale: float = 8.0,
+        centerness: bool = True,
     ) -> None:
         super().__init__()
         if assigner not in ASSIGNERS:
             raise ValueError(f"assigner must be one of {ASSIGNERS}, got {assigner!r}")
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if assigner == "fcos" and score != "cls":
-            raise ValueError("the FCOS criterion trains a centerness branch; product scores need a POTO/O2F assigner")
+        if assigner in ONE_TO_MANY + ONE_TO_ONE_BASELINES and score != "cls":
+            raise ValueError(f"assigner {assigner!r} trains the cls logits (score='cls'); product scores need a "
+                             "POTO/O2F assigner")
         if assigner == "o2f" and score != "cls_ctr":
             raise ValueError("the O2F assigner works on the joint score: use score='cls_ctr'")
         self.num_classes = int(num_classes)
@@ -115,8 +146,18 @@ class DenseCriterion(nn.Module):
         self.reg_weight = float(reg_weight if reg_weight is not None else (1.0 if assigner == "fcos" else 2.0))
         self.aux_weight = float(aux_weight)
         self.o2f_neg_weight = float(o2f_neg_weight)
+        self.centerness = bool(centerness)
         if assigner == "fcos":
             self.assigner = FCOSAssigner(center_radius=center_radius, scale_ranges=scale_ranges)
+        elif assigner == "atss":
+            self.assigner = ATSSAssigner(topk=atss_topk, anchor_scale=atss_anchor_scale)
+        elif assigner == "anchor":
+            self.assigner = AnchorAssigner()
+        elif assigner == "center":
+            self.assigner = CenterAssigner(scale_ranges=scale_ranges)
+        elif assigner == "fg_loss":
+            self.assigner = ForegroundLossAssigner(center_radius, focal_alpha, focal_gamma, self.reg_weight,
+                                                   keep_infeasible)
         elif assigner == "o2f":
             self.assigner = O2FAssigner(poto_alpha, center_radius, o2f_topk, soft_weight, max_soft_weight, max_t, min_t)
         else:
@@ -131,8 +172,20 @@ class DenseCriterion(nn.Module):
         ``score_prob`` (``[B, R, K]``, the one-to-one score: ``sigmoid(cls)``, times ``sigmoid(filter)`` or
         ``sigmoid(ctr)``) is computed from ``outputs`` when not given; it is detached here.
         """
-        if self.assigner_name == "fcos":
-            return self.assigner(outputs["points"], outputs["strides"], outputs["levels"], targets, self.num_classes)
+        name, k = self.assigner_name, self.num_classes
+        if name == "fcos":
+            return self.assigner(outputs["points"], outputs["strides"], outputs["levels"], targets, k)
+        if name == "atss":
+            return self.assigner(outputs["points"], outputs["strides"], list(outputs["num_points_per_level"]),
+                                 targets, k)
+        if name == "anchor":
+            return self.assigner(outputs["anchors"], targets, k)
+        if name == "center":
+            return self.assigner(outputs["points"], outputs["levels"], list(outputs["num_points_per_level"]),
+                                 targets, k)
+        if name == "fg_loss":
+            return self.assigner(outputs["pred_logits"].detach(), outputs["pred_boxes"].detach(), outputs["points"],
+                                 outputs["strides"], targets, k)
         if score_prob is None:
             score_prob = self._score_prob(outputs["pred_logits"].float().sigmoid(), outputs)
         args = (score_prob.detach(), outputs["pred_boxes"].detach(), outputs["points"], outputs["strides"], targets,
@@ -159,13 +212,15 @@ class DenseCriterion(nn.Module):
         Args:
             outputs: model output dict (``docs/architecture.md``): ``pred_logits [B, R, K]``, ``pred_boxes
                 [B, R, 4]`` (decoded xyxy pixels), ``points [R, 2]``, ``strides [R]``, ``levels [R]``,
-                ``num_points_per_level`` (list[int], for ``aux``), ``pred_ctr [B, R]`` (FCOS, O2F) and
-                ``pred_filter [B, R]`` (``score="cls_filter"``).
+                ``num_points_per_level`` (list[int], for ``aux``, ATSS and Center), ``pred_ctr [B, R]`` (FCOS/ATSS
+                with ``centerness``, O2F), ``pred_filter [B, R]`` (``score="cls_filter"``) and ``anchors [R, 4]``
+                (``assigner="anchor"``: the model's ``box_coder="anchor_deltas"``).
             targets: B dicts with ``boxes float32 [G, 4]`` xyxy pixels and ``labels int64 [G]`` (``G = 0`` allowed).
             epoch, max_epoch: 0-based epoch and number of epochs of the run (the trainer passes them every step,
                 also for iteration-based schedules), for O2F's ``t(e)``; unused by FCOS/POTO/Aux.
         Returns:
-            ``loss_cls``, ``loss_box`` (+ ``loss_ctr`` for FCOS, ``loss_cls_aux`` with ``aux``): weighted float32
+            ``loss_cls``, ``loss_box`` (+ ``loss_ctr`` for FCOS/ATSS with ``centerness``, ``loss_cls_aux`` with
+            ``aux``): weighted float32
             scalars to sum; ``num_pos``, ``num_gt``, ``num_fg_per_gt`` (+ ``num_pos_aux``; + ``num_soft`` and
             ``soft_t`` for O2F): detached float32 statistics of this process's batch.
         Raises:
@@ -194,17 +249,19 @@ class DenseCriterion(nn.Module):
 
         box_target = assignment.box_targets[pos]
         giou = generalized_box_iou_loss(pred_boxes[pos].float(), box_target, reduction="none")
-        if self.assigner_name in ("fcos", "o2f"):
+        one_to_many = self.assigner_name in ONE_TO_MANY
+        if self.assigner_name == "o2f" or (one_to_many and self.centerness):
             points = outputs["points"].float().unsqueeze(0).expand(pos.shape[0], -1, -1)[pos]
             ctr_target = centerness_target(encode_ltrb(points, box_target))
-            # cvpods FCOS clamps the normaliser at 1, mmdet-based O2F at 1e-6 (o2f_head.py ``centerness_denorm``)
-            floor = 1.0 if self.assigner_name == "fcos" else 1e-6
+            # cvpods FCOS/ATSS clamp the normaliser at 1, mmdet-based O2F at 1e-6 (o2f_head.py ``centerness_denorm``)
+            floor = 1e-6 if self.assigner_name == "o2f" else 1.0
             ctr_normaliser = reduce_mean(ctr_target.sum()).clamp(min=floor)
             losses["loss_box"] = self.reg_weight * (giou * ctr_target).sum() / ctr_normaliser
-        if self.assigner_name == "fcos":
-            pred_ctr = outputs["pred_ctr"][pos].float()
-            losses["loss_ctr"] = F.binary_cross_entropy_with_logits(pred_ctr, ctr_target, reduction="sum") / normaliser
-        elif self.assigner_name != "o2f":
+            if one_to_many:
+                pred_ctr = outputs["pred_ctr"][pos].float()
+                losses["loss_ctr"] = (F.binary_cross_entropy_with_logits(pred_ctr, ctr_target, reduction="sum")
+                                      / normaliser)
+        else:  # POTO, the one-to-one baselines, FCOS without centerness (wo_ctrness/fcos.py)
             losses["loss_box"] = self.reg_weight * giou.sum() / normaliser
 
         num_gt = sum(int(t["boxes"].shape[0]) for t in targets)

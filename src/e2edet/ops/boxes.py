@@ -15,9 +15,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_convert
 
 __all__ = [
-    "encode_ltrb", "decode_ltrb", "centerness_target", "MAX_LOG_RATIO", "delta_xywh_decode", "xyzr_to_xyxy",
+    "encode_ltrb", "decode_ltrb", "centerness_target", "MAX_LOG_RATIO", "delta_xywh_decode", "delta_xywh_encode",
+    "square_boxes", "xyzr_to_xyxy",
     "xyxy_to_xyzr", "refine_xyzr", "normalized_cxcywh_to_xyxy", "inverse_sigmoid", "image_whwh", "as_image_sizes",
     "rescale_boxes",
 ]
@@ -68,19 +70,24 @@ def centerness_target(ltrb: Tensor) -> Tensor:
     return torch.sqrt(ratio_x * ratio_y)
 
 
-# ------------------------------------------------------------------------------------ DeltaXYWH (Sparse R-CNN)
+# ---------------------------------------------------------------------- DeltaXYWH (Sparse R-CNN, DeFCN Anchor)
 MAX_LOG_RATIO = abs(math.log(16.0 / 1000.0))  # 4.135: mmdet ``delta2bbox`` wh_ratio_clip = 16 / 1000
 
 
 def delta_xywh_decode(boxes: Tensor, deltas: Tensor, stds: tuple[float, ...] = (0.5, 0.5, 1.0, 1.0),
-                      max_ratio: float = MAX_LOG_RATIO) -> Tensor:
-    """mmdet ``DeltaXYWHBBoxCoder.decode`` (means 0, ``clip_border=False``), spec ``query.md`` 1.2 "Box update".
+                      max_ratio: float = MAX_LOG_RATIO, clamp_below: bool = True) -> Tensor:
+    """Apply (dx, dy, dw, dh) deltas to boxes: mmdet ``DeltaXYWHBBoxCoder.decode`` (means 0, ``clip_border=False``;
+    spec ``query.md`` 1.2 "Box update") or, with ``clamp_below=False``, detectron2/cvpods
+    ``Box2BoxTransform.apply_deltas`` (``stds`` = its ``weights`` inverted; DeFCN's Anchor baseline uses weights
+    (1, 1, 1, 1), spec ``dense.md`` 2.3).
 
-    ``(dx, dy, dw, dh) = deltas · stds``; ``dw, dh`` clamped to ``[-max_ratio, max_ratio]``; ``cx' = cx + w·dx``,
-    ``cy' = cy + h·dy``, ``w' = w·exp(dw)``, ``h' = h·exp(dh)`` with ``w = x2 - x1`` (no +1); no clipping.
+    ``(dx, dy, dw, dh) = deltas · stds``; ``dw, dh`` clamped to ``[-max_ratio, max_ratio]`` (mmdet) or only above at
+    ``max_ratio`` (cvpods ``scale_clamp = log(1000 / 16)``, the same value); ``cx' = cx + w·dx``, ``cy' = cy + h·dy``,
+    ``w' = w·exp(dw)``, ``h' = h·exp(dh)`` with ``w = x2 - x1`` (no +1); no clipping.
 
     Args:
-        boxes: ``[..., 4]`` xyxy pixels (the stage's input boxes). deltas: ``[..., 4]`` raw regression outputs.
+        boxes: ``[..., 4]`` xyxy pixels (the stage's input boxes, or anchors). deltas: ``[..., 4]`` raw regression
+            outputs. clamp_below: also clamp ``dw, dh`` at ``-max_ratio`` (mmdet; cvpods does not).
     Returns:
         ``[..., 4]`` xyxy pixels, float32 (computed in float32 whatever the input dtypes).
     """
@@ -88,9 +95,42 @@ def delta_xywh_decode(boxes: Tensor, deltas: Tensor, stds: tuple[float, ...] = (
     w, h = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
     cx, cy = boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h
     dx, dy = deltas[..., 0], deltas[..., 1]
-    dw, dh = deltas[..., 2].clamp(-max_ratio, max_ratio), deltas[..., 3].clamp(-max_ratio, max_ratio)
+    low = -max_ratio if clamp_below else None
+    dw, dh = deltas[..., 2].clamp(low, max_ratio), deltas[..., 3].clamp(low, max_ratio)
     cx, cy, w, h = cx + w * dx, cy + h * dy, w * dw.exp(), h * dh.exp()
     return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def delta_xywh_encode(boxes: Tensor, targets: Tensor, stds: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)) -> Tensor:
+    """Deltas that :func:`delta_xywh_decode` (same ``stds``) turns ``boxes`` into ``targets`` (unless a ``dw, dh``
+    passes the clamp): detectron2/cvpods ``Box2BoxTransform.get_deltas`` with ``weights = 1 / stds``.
+
+    Args:
+        boxes: ``[..., 4]`` xyxy pixels with positive width and height (anchors); targets: ``[..., 4]`` xyxy pixels
+            with positive width and height, broadcast against ``boxes``.
+    Returns:
+        ``[..., 4]`` ``((tx - cx) / w, (ty - cy) / h, log(tw / w), log(th / h)) / stds``, float32.
+    """
+    boxes, targets = boxes.float(), targets.float()
+    w, h = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    tw, th = targets[..., 2] - targets[..., 0], targets[..., 3] - targets[..., 1]
+    dx = (targets[..., 0] + 0.5 * tw - boxes[..., 0] - 0.5 * w) / w
+    dy = (targets[..., 1] + 0.5 * th - boxes[..., 1] - 0.5 * h) / h
+    deltas = torch.stack([dx, dy, torch.log(tw / w), torch.log(th / h)], dim=-1)
+    return deltas / deltas.new_tensor(stds)
+
+
+def square_boxes(points: Tensor, sides: Tensor) -> Tensor:
+    """Axis-aligned squares centred on anchor points: cvpods ``DefaultAnchorGenerator`` with one size and aspect
+    ratio 1 per level (DeFCN Anchor: sides 32..512 on P3..P7), or ATSS's ``anchor_scale · stride`` boxes.
+
+    Args:
+        points: ``[..., 2]`` (x, y) pixels; sides: ``[...]`` side lengths in pixels, broadcast against ``points``.
+    Returns:
+        ``[..., 4]`` xyxy pixels ``(x - side/2, y - side/2, x + side/2, y + side/2)``.
+    """
+    sides = sides.to(points.dtype).unsqueeze(-1).expand_as(points)
+    return box_convert(torch.cat([points, sides], dim=-1), "cxcywh", "xyxy")
 
 
 # --------------------------------------------------------------------------------------------- xyzr (AdaMixer)

@@ -2,8 +2,10 @@
 
 COCO recipes follow ``specs/dense.md`` §1.6 / §2.6 (DeFCN ``playground/detection/coco/*/config.py``): R-50 FPN,
 3x schedule with multi-scale training (270k iterations at 16 images per batch, lr steps at 210k and 250k, SGD
-lr 0.01, warm-up 1000 iterations from 1e-3), 800/1333 test size. ``train.batch_size`` is per process: launch
-them with ``torchrun --nproc_per_node 8`` for the published batch of 16. They need ``data=PATH`` (a dataset YAML).
+lr 0.01, warm-up 1000 iterations from 1e-3; POTO also 6x and 9x), 800/1333 test size. CrowdHuman recipes
+(``*_r50_crowdhuman``) follow ``playground/detection/crowdhuman/*/config.py`` (:func:`_crowdhuman`).
+``train.batch_size`` is per process: launch them with ``torchrun --nproc_per_node 8`` for the published batch of 16.
+They need ``data=PATH`` (a dataset YAML).
 
 O2F recipes follow ``specs/dense.md`` §3.6 (``strongwolf/o2f`` ``configs/r50_1x.py``, ``r50_3x_ms.py``,
 ``crowdhuman.py``): epoch-based mmdet schedules (12 / 36 / 50 epochs), SGD 0.01 (AdamW 4e-5 on CrowdHuman), warm-up
@@ -19,25 +21,58 @@ from __future__ import annotations
 from e2edet.config import Config
 from e2edet.recipes.registry import register_recipe
 
-#: The four DeFCN-paper variants plus the FCOS baseline: (name suffix, description, model/loss/test fields).
+#: Every dense method: (description, model/loss/test fields). DeFCN folders are under
+#: ``Megvii-BaseDetection/DeFCN`` ``playground/detection/{coco,crowdhuman}/`` (``specs/dense.md`` §2.7).
 VARIANTS = {
     "fcos": ("FCOS (imprv) one-to-many baseline; evaluated with NMS 0.6",
              dict(centerness=True), dict(assigner="fcos", score="cls", reg_weight=1.0),
              dict(score="cls_ctr_sqrt", nms_iou=0.6)),
+    "fcos_wo_ctrness": ("FCOS without the centerness branch (plain GIoU, score cls; fcos...3x_ms.wo_ctrness); NMS 0.6",
+                        dict(), dict(assigner="fcos", score="cls", reg_weight=1.0), dict(score="cls", nms_iou=0.6)),
+    "atss": (("ATSS one-to-many (top-9 nearest per level, IoU of 8-stride anchors >= mean + std, inside the box) on "
+              "the FCOS head with centerness, GIoU weight 2 (atss.res50...crowdhuman); NMS 0.6"),
+             dict(centerness=True), dict(assigner="atss", score="cls", reg_weight=2.0),
+             dict(score="cls_ctr_sqrt", nms_iou=0.6)),
+    "anchor": (("DeFCN one-to-one baseline Anchor: each GT takes its top-1 anchor by IoU (one square anchor per "
+                "location, 32..512 on P3..P7), DeltaXYWH regression (anchor.res50...); no NMS"),
+               dict(box_coder="anchor_deltas", anchor_size=4.0), dict(assigner="anchor", score="cls"),
+               dict(score="cls")),
+    "center": (("DeFCN one-to-one baseline Center: per level the point nearest to the GT centre, kept within the FCOS "
+                "scale range, smallest GT wins (center.res50...); no NMS"),
+               dict(), dict(assigner="center", score="cls"), dict(score="cls")),
+    "fg_loss": (("DeFCN one-to-one baseline Foreground loss: Hungarian minimising focal + 2 GIoU inside the 1.5-stride "
+                 "centre prior (loss.res50...); no NMS"),
+                dict(), dict(assigner="fg_loss", score="cls"), dict(score="cls")),
     "poto": ("POTO one-to-one (Hungarian on p^0.2 IoU^0.8); no NMS",
              dict(), dict(assigner="poto", score="cls"), dict(score="cls")),
     "poto_argmax": ("POTO one-to-one, per-GT argmax instead of Hungarian; no NMS",
                     dict(), dict(assigner="poto_argmax", score="cls"), dict(score="cls")),
     "poto_3dmf": ("POTO + 3D max filtering (score cls*filter); no NMS",
                   dict(max_filter=True), dict(assigner="poto", score="cls_filter"), dict(score="cls_filter")),
+    "poto_3dmf_wo_gn": ("POTO + 3D max filtering without GroupNorm (poto...3dmf_wo_gn); no NMS",
+                        dict(max_filter=True, max_filter_gn=False), dict(assigner="poto", score="cls_filter"),
+                        dict(score="cls_filter")),
     "defcn": ("DeFCN = POTO + 3DMF + auxiliary one-to-many loss; no NMS",
               dict(max_filter=True), dict(assigner="poto", score="cls_filter", aux=True), dict(score="cls_filter")),
+    "defcn_wo_gn": ("DeFCN with 3DMF without GroupNorm (poto...3dmf_wo_gn.aux); no NMS",
+                    dict(max_filter=True, max_filter_gn=False), dict(assigner="poto", score="cls_filter", aux=True),
+                    dict(score="cls_filter")),
     "o2f": ("O2F one-to-few (top-7 per object: 1 certain + soft anchors, t(e) 0.6 -> 0.2), score cls*ctr; no NMS",
             dict(centerness=True, ctr_convs=3, ctr_channels=64), dict(assigner="o2f", score="cls_ctr", reg_weight=2.0),
             dict(score="cls_ctr")),
 }
-#: Recipes of the DeFCN paper (iteration-based cvpods schedules); O2F has its own epoch-based ones (``_o2f``).
-DEFCN_VARIANTS = ("fcos", "poto", "poto_argmax", "poto_3dmf", "defcn")
+#: The COCO table of DeFCN (3x ms, iteration-based cvpods schedules; POTO also 6x and 9x); O2F has its own
+#: epoch-based recipes (``_o2f``).
+COCO_VARIANTS = ("fcos", "fcos_wo_ctrness", "anchor", "center", "fg_loss", "poto", "poto_argmax", "poto_3dmf",
+                 "poto_3dmf_wo_gn", "defcn", "defcn_wo_gn")
+#: ``MAX_ITER`` and ``STEPS`` of DeFCN's ``poto.res50.fpn.coco.800size.{3x,6x,9x}_ms/config.py``.
+COCO_SCHEDULES = {"3x": (270_000, (210_000, 250_000)), "6x": (540_000, (480_000, 520_000)),
+                  "9x": (810_000, (750_000, 790_000))}
+#: The CrowdHuman table of DeFCN (``playground/detection/crowdhuman/*.800size.30k``).
+CROWDHUMAN_VARIANTS = ("fcos", "atss", "poto", "poto_3dmf", "defcn")
+#: CPU-sized variants: every method of the DeFCN tables that the BCCD comparison trains, and O2F.
+CPU_VARIANTS = ("fcos", "fcos_wo_ctrness", "atss", "anchor", "center", "fg_loss", "poto", "poto_argmax", "poto_3dmf",
+                "defcn", "o2f")
 
 
 def _sizes(lo: int, hi: int) -> tuple[int, ...]:
@@ -51,16 +86,40 @@ def _apply(cfg: Config, model: dict, loss: dict, test: dict) -> None:
             setattr(getattr(cfg, section), key, value)
 
 
-def _coco(variant: str) -> Config:
+def _coco(variant: str, schedule: str = "3x") -> Config:
     desc, model, loss, test = VARIANTS[variant]
-    cfg = Config.for_arch("dense", name=f"{variant}_r50_3x_ms",
-                          description=f"{desc}. COCO R-50 FPN 3x ms (published config)")
+    cfg = Config.for_arch("dense", name=f"{variant}_r50_{schedule}_ms",
+                          description=f"{desc}. COCO R-50 FPN {schedule} ms (published config)")
     cfg.data.dataset = ""
     cfg.data.train_min_sizes = (640, 672, 704, 736, 768, 800)
     cfg.model.backbone = "resnet50"
     _apply(cfg, model, loss, test)
+    iters, steps = COCO_SCHEDULES[schedule]
     t = cfg.train
-    t.batch_size, t.max_iters, t.steps = 2, 270_000, (210_000 / 270_000, 250_000 / 270_000)
+    t.batch_size, t.max_iters, t.steps = 2, iters, tuple(s / iters for s in steps)
+    t.optimizer, t.lr, t.warmup_iters, t.warmup_factor, t.eval_period = "sgd", 0.01, 1000, 0.001, 0
+    return cfg
+
+
+def _crowdhuman(variant: str) -> Config:
+    """DeFCN's CrowdHuman configs (``playground/detection/crowdhuman/<variant>.res50.fpn.crowdhuman.800size.30k``):
+    30k iterations at 16 images (steps 20k, 25k), lr 0.01, short side 800 (no multi-scale) with the long side at most
+    1400, flip, top-500 detections; POTO's prior is the inside of the box (``POTO.CENTER_SAMPLING_RADIUS=0``), FCOS
+    keeps its 1.5-stride centre sampling. The single class comes from the data (``e2edet data convert crowdhuman``);
+    ignore regions are crowd boxes, which training leaves out, as the official ``gt_classes >= 0`` filter does."""
+    desc, model, loss, test = VARIANTS[variant]
+    cfg = Config.for_arch("dense", name=f"{variant}_r50_crowdhuman",
+                          description=f"{desc}. CrowdHuman R-50 FPN 30k iterations (published config)")
+    cfg.data.dataset = ""
+    cfg.data.train_min_sizes, cfg.data.train_max_size = (800,), 1400
+    cfg.data.test_min_size, cfg.data.test_max_size = 800, 1400
+    cfg.model.backbone = "resnet50"
+    _apply(cfg, model, loss, test)
+    if loss["assigner"] == "poto":
+        cfg.loss.center_radius = 0.0
+    cfg.test.max_detections = 500
+    t = cfg.train
+    t.batch_size, t.max_iters, t.steps = 2, 30_000, (20_000 / 30_000, 25_000 / 30_000)
     t.optimizer, t.lr, t.warmup_iters, t.warmup_factor, t.eval_period = "sgd", 0.01, 1000, 0.001, 0
     return cfg
 
@@ -113,9 +172,13 @@ def _o2f(name: str) -> Config:
     return cfg
 
 
-for _variant in VARIANTS:
+for _variant in CPU_VARIANTS:
     register_recipe(lambda v=_variant: _cpu(v))
-for _variant in DEFCN_VARIANTS:
+for _variant in COCO_VARIANTS:
     register_recipe(lambda v=_variant: _coco(v))
+for _schedule in ("6x", "9x"):
+    register_recipe(lambda s=_schedule: _coco("poto", s))
+for _variant in CROWDHUMAN_VARIANTS:
+    register_recipe(lambda v=_variant: _crowdhuman(v))
 for _name in ("r50_1x", "r50_3x_ms", "r101_1x", "r101_3x_ms", "r50_crowdhuman"):
     register_recipe(lambda n=_name: _o2f(n))

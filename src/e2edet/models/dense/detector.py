@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from e2edet.models.backbone import build_backbone
-from e2edet.ops.boxes import decode_ltrb
+from e2edet.ops.boxes import decode_ltrb, delta_xywh_decode, square_boxes
 from e2edet.models.dense.head import DenseHead
 from e2edet.models.dense.points import anchor_points
 from e2edet.models.fpn import FPN
@@ -38,6 +38,11 @@ class DenseDetector(nn.Module):
         ctr_convs, ctr_channels: O2F's extra convs before the centerness conv (3 x 64; 0 = plain FCOS branch).
         max_filter: DeFCN 3DMF + filter branch.
         max_filter_gn: GroupNorm inside 3DMF.
+        box_coder: ``"ltrb"`` (FCOS distances, pixels) or ``"anchor_deltas"`` (DeFCN's Anchor baseline: (dx, dy, dw,
+            dh) of one square anchor per location, decoded as cvpods ``Box2BoxTransform`` with weights (1, 1, 1, 1)
+            and its ``dw, dh <= log(1000 / 16)`` clamp).
+        anchor_size: anchor side in strides (``"anchor_deltas"``): 4 gives cvpods ``ANCHOR_GENERATOR.SIZES``
+            32, 64, 128, 256, 512 on P3..P7 (aspect ratio 1, offset 0.5: centred on the anchor points).
         freeze_at: backbone stages to freeze (cvpods ``FREEZE_AT``).
         norm: backbone norm (``None`` = FrozenBN when pretrained, BN otherwise).
         channels_last: keep the 4D weights in NHWC (``torch.channels_last``) memory layout and convert the input to
@@ -63,6 +68,8 @@ class DenseDetector(nn.Module):
         norm: str | None = None,
         ctr_convs: int = 0,
         ctr_channels: int = 64,
+        box_coder: str = "ltrb",
+        anchor_size: float = 4.0,
         channels_last: bool = False,
     ):
         super().__init__()
@@ -81,7 +88,10 @@ class DenseDetector(nn.Module):
             strides=tuple(self.strides),
             ctr_convs=ctr_convs,
             ctr_channels=ctr_channels,
+            box_coder=box_coder,
         )
+        self.box_coder = box_coder
+        self.anchor_size = float(anchor_size)
         self._point_cache: dict[tuple, tuple] = {}
         self.channels_last = bool(channels_last)
         if self.channels_last:
@@ -111,10 +121,12 @@ class DenseDetector(nn.Module):
 
         Returns:
             dict (``docs/architecture.md`` "Model output"), ``R`` = anchor points over P3..P7:
-            ``pred_logits`` ``[B, R, K]``; ``pred_boxes`` ``[B, R, 4]`` xyxy pixels of the padded input;
-            ``pred_ltrb`` ``[B, R, 4]`` pixels >= 0; ``pred_ctr`` ``[B, R]`` logits (only with ``centerness``);
-            ``pred_filter`` ``[B, R]`` logits (only with ``max_filter``); ``points`` ``[R, 2]`` (x, y) pixels;
-            ``strides`` ``[R]`` float; ``levels`` ``[R]`` int64 (0 = P3); ``num_points_per_level`` ``list[int]``.
+            ``pred_logits`` ``[B, R, K]``; ``pred_boxes`` ``[B, R, 4]`` xyxy pixels of the padded input, float32;
+            ``pred_ltrb`` ``[B, R, 4]`` pixels >= 0 (``box_coder="ltrb"``) or ``pred_deltas`` ``[B, R, 4]`` and
+            ``anchors`` ``[R, 4]`` xyxy pixels (``"anchor_deltas"``); ``pred_ctr`` ``[B, R]`` logits (only with
+            ``centerness``); ``pred_filter`` ``[B, R]`` logits (only with ``max_filter``); ``points`` ``[R, 2]``
+            (x, y) pixels; ``strides`` ``[R]`` float; ``levels`` ``[R]`` int64 (0 = P3); ``num_points_per_level``
+            ``list[int]``.
 
         Raises:
             ValueError: ``images`` is not ``[B, 3, H, W]`` with ``H``/``W`` multiples of 32, or bad ``image_sizes``
@@ -128,15 +140,29 @@ class DenseDetector(nn.Module):
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
         points, strides, levels, counts = self._anchor_points(sizes, images.device)
 
-        ltrb = flatten_levels(head_out["bbox_ltrb"])
-        out = {
-            "pred_logits": flatten_levels(head_out["cls_logits"]),
-            "pred_boxes": decode_ltrb(points.unsqueeze(0), ltrb),
-            "pred_ltrb": ltrb,
-        }
+        out = {"pred_logits": flatten_levels(head_out["cls_logits"])}
+        if self.box_coder == "ltrb":
+            out["pred_ltrb"] = flatten_levels(head_out["bbox_ltrb"])
+        else:
+            out["pred_deltas"] = flatten_levels(head_out["bbox_deltas"])
+            out["anchors"] = self.anchor_boxes(points, strides)
+        out["pred_boxes"] = self.decode_boxes(points, strides, out)
         if "centerness" in head_out:
             out["pred_ctr"] = flatten_levels(head_out["centerness"]).squeeze(-1)
         if "filter" in head_out:
             out["pred_filter"] = flatten_levels(head_out["filter"]).squeeze(-1)
         out.update(points=points, strides=strides, levels=levels, num_points_per_level=list(counts))
         return out
+
+    def anchor_boxes(self, points: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
+        """``[R, 4]`` xyxy square anchors of side ``anchor_size · stride`` centred on ``points`` ``[R, 2]`` (cvpods
+        ``DefaultAnchorGenerator``, one size and aspect ratio 1 per level, offset 0.5)."""
+        return square_boxes(points, strides * self.anchor_size)
+
+    def decode_boxes(self, points: torch.Tensor, strides: torch.Tensor, out: dict) -> torch.Tensor:
+        """``[B, R, 4]`` xyxy pixels from the regression output of ``out`` (``pred_ltrb`` or ``pred_deltas``) at
+        ``points`` ``[R, 2]`` / ``strides`` ``[R]``; export calls it with points rebuilt from the traced sizes."""
+        if self.box_coder == "ltrb":
+            return decode_ltrb(points.unsqueeze(0), out["pred_ltrb"])
+        anchors = self.anchor_boxes(points, strides).unsqueeze(0)
+        return delta_xywh_decode(anchors, out["pred_deltas"], stds=(1.0, 1.0, 1.0, 1.0), clamp_below=False)

@@ -16,7 +16,11 @@ from torch import nn
 from e2edet.models.dense.layers import Scale, group_norm, init_head_modules
 from e2edet.models.dense.max_filter import MaxFiltering3D
 
-__all__ = ["DenseHead"]
+__all__ = ["BOX_CODERS", "DenseHead"]
+
+#: Box regression of the head: FCOS (l, t, r, b) distances, or DeFCN Anchor's (dx, dy, dw, dh) deltas of one square
+#: anchor per location (``anchor.res50.fpn.coco.800size.3x_ms``: ``Box2BoxTransform``, no ``Scale``).
+BOX_CODERS = ("ltrb", "anchor_deltas")
 
 
 def _tower(channels: int, num_convs: int, out_channels: int | None = None) -> nn.Sequential:
@@ -35,7 +39,9 @@ class DenseHead(nn.Module):
 
     Structure (weights shared across levels): a cls tower and a reg tower, each ``num_convs`` x [3x3 conv,
     GroupNorm(32 groups; fewer for narrow models, see ``layers.group_norm``), ReLU]; ``cls_score`` 3x3 conv -> K on
-    the cls tower; ``bbox_pred`` 3x3 conv -> 4 on the reg tower, box = ReLU(Scale_l · conv) · stride_l in pixels;
+    the cls tower; ``bbox_pred`` 3x3 conv -> 4 on the reg tower, box = ReLU(Scale_l · conv) · stride_l in pixels
+    (``box_coder="ltrb"``, ``NORM_REG_TARGETS=True``) or the raw conv output as anchor deltas (``"anchor_deltas"``:
+    no ``Scale``, no ReLU, no stride; DeFCN ``anchor.res50.fpn.coco.800size.3x_ms/fcos.py`` ``FCOSHead``);
     optional ``centerness`` 3x3 conv -> 1 on the **reg** tower (FCOS imprv), optionally preceded by ``ctr_convs`` x
     [3x3 conv, GN, ReLU] of ``ctr_channels`` (O2F: 3 x 64, the "lightweight convs before the centerness map");
     optional 3DMF (``MaxFiltering3D`` on the reg tower outputs of all levels) followed by the ``filter`` 3x3 conv -> 1
@@ -57,9 +63,10 @@ class DenseHead(nn.Module):
         max_filter_gn: GroupNorm inside 3DMF (``False`` = ``3dmf_wo_gn``).
         strides: stride of each level in pixels.
         filter_kernel_size, filter_tau: 3DMF spatial kernel and scale extent (3 and 2).
+        box_coder: ``"ltrb"`` or ``"anchor_deltas"`` (:data:`BOX_CODERS`).
 
     Raises:
-        ValueError: when ``len(strides) != num_levels``.
+        ValueError: when ``len(strides) != num_levels`` or for an unknown ``box_coder``.
     """
 
     def __init__(
@@ -77,17 +84,23 @@ class DenseHead(nn.Module):
         filter_tau: int = 2,
         ctr_convs: int = 0,
         ctr_channels: int = 64,
+        box_coder: str = "ltrb",
     ):
         super().__init__()
         if len(strides) != num_levels:
             raise ValueError(f"{len(strides)} strides given for {num_levels} levels")
+        if box_coder not in BOX_CODERS:
+            raise ValueError(f"box_coder must be one of {BOX_CODERS}, got {box_coder!r}")
+        self.box_coder = box_coder
+        self.num_levels = num_levels
         self.num_classes = num_classes
         self.strides = [int(s) for s in strides]
         self.cls_tower = _tower(in_channels, num_convs)
         self.reg_tower = _tower(in_channels, num_convs)
         self.cls_score = nn.Conv2d(in_channels, num_classes, 3, padding=1)
         self.bbox_pred = nn.Conv2d(in_channels, 4, 3, padding=1)
-        self.scales = nn.ModuleList([Scale(1.0) for _ in range(num_levels)])
+        # no Scale with anchor deltas: it would get no gradient (and DDP would report unused parameters)
+        self.scales = nn.ModuleList([Scale(1.0) for _ in range(num_levels)]) if box_coder == "ltrb" else None
         self.ctr_tower = _tower(in_channels, ctr_convs, ctr_channels) if centerness and ctr_convs > 0 else None
         ctr_in = ctr_channels if self.ctr_tower is not None else in_channels
         self.centerness = nn.Conv2d(ctr_in, 1, 3, padding=1) if centerness else None
@@ -107,15 +120,17 @@ class DenseHead(nn.Module):
 
         Returns:
             dict of per-level lists: ``cls_logits`` ``[B, K, H_l, W_l]``; ``bbox_ltrb`` ``[B, 4, H_l, W_l]``
-            (l, t, r, b) pixels >= 0, always float32; ``centerness`` ``[B, 1, H_l, W_l]`` logits (only with
+            (l, t, r, b) pixels >= 0 (``box_coder="ltrb"``) or ``bbox_deltas`` ``[B, 4, H_l, W_l]`` (dx, dy, dw, dh)
+            (``"anchor_deltas"``), always float32; ``centerness`` ``[B, 1, H_l, W_l]`` logits (only with
             ``centerness``); ``filter`` ``[B, 1, H_l, W_l]`` logits (only with ``max_filter``).
 
         Raises:
             ValueError: when the number of levels differs from ``num_levels``.
         """
-        if len(features) != len(self.scales):
-            raise ValueError(f"head built for {len(self.scales)} levels, got {len(features)}")
-        out: dict[str, list[torch.Tensor]] = {"cls_logits": [], "bbox_ltrb": []}
+        if len(features) != self.num_levels:
+            raise ValueError(f"head built for {self.num_levels} levels, got {len(features)}")
+        box_key = "bbox_ltrb" if self.box_coder == "ltrb" else "bbox_deltas"
+        out: dict[str, list[torch.Tensor]] = {"cls_logits": [], box_key: []}
         if self.centerness is not None:
             out["centerness"] = []
         reg_features = []
@@ -124,8 +139,10 @@ class DenseHead(nn.Module):
             reg_x = self.reg_tower(x)
             out["cls_logits"].append(self.cls_score(cls_x))
             # float32 so pixel distances keep their precision under bf16/fp16 autocast
-            box = F.relu(self.scales[level](self.bbox_pred(reg_x).float())) * self.strides[level]
-            out["bbox_ltrb"].append(box)
+            box = self.bbox_pred(reg_x).float()
+            if self.scales is not None:
+                box = F.relu(self.scales[level](box)) * self.strides[level]
+            out[box_key].append(box)
             if self.centerness is not None:
                 ctr_x = self.ctr_tower(reg_x) if self.ctr_tower is not None else reg_x
                 out["centerness"].append(self.centerness(ctr_x))

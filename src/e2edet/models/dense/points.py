@@ -43,9 +43,10 @@ def anchor_points(
         ys = (torch.arange(h, device=device, dtype=dtype) + offset) * s
         xs = (torch.arange(w, device=device, dtype=dtype) + offset) * s
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-        points.append(torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1))
-        n = int(h) * int(w)
-        point_strides.append(torch.full((n,), float(s), device=device, dtype=dtype))
-        levels.append(torch.full((n,), level, device=device, dtype=torch.int64))
-        counts.append(n)
+        flat_x = grid_x.reshape(-1)
+        points.append(torch.stack([flat_x, grid_y.reshape(-1)], dim=1))
+        # ``full_like`` of the traced grid (not ``full((h·w,))``) keeps the sizes dynamic in an ONNX trace
+        point_strides.append(torch.full_like(flat_x, float(s)))
+        levels.append(torch.full_like(flat_x, level, dtype=torch.int64))
+        counts.append(int(h) * int(w))
     return torch.cat(points), torch.cat(point_strides), torch.cat(levels), counts
