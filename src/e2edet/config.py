@@ -37,12 +37,14 @@ __all__ = [
 class DataConfig(Section):
     """Dataset and augmentation settings.
 
-    ``dataset`` is a sample name (``trees``, ``bccd``), a Pascal VOC root folder, a dataset YAML file with
+    ``dataset`` is a sample name (``trees``, ``bccd``, ``dsb2018``), a Pascal VOC root folder, a dataset YAML file with
     ``train_json``/``train_images``/``val_json``/``val_images``, or an Ultralytics ``data.yaml`` (or its folder); see
     :func:`e2edet.data.datasets.resolve_dataset`. ``val_fraction`` is the share of the training images held out
     (seeded, the same split for every ``train.seed``) when the dataset has no validation split.
     Sizes are in pixels: training picks the shorter side from ``train_min_sizes`` (longer side capped at
-    ``train_max_size``); evaluation resizes the shorter side to ``test_min_size``.
+    ``train_max_size``); evaluation resizes the shorter side to ``test_min_size``. ``masks``: the training split
+    also loads the COCO instance masks (``segmentation``, polygons or RLE) as the targets' ``masks``, for models
+    that predict masks (``model.masks``); evaluation reads the masks from the annotation file itself.
     """
 
     dataset: str = "trees"
@@ -54,6 +56,7 @@ class DataConfig(Section):
     crop: bool = False
     filter_empty: bool = True
     val_fraction: Float = Field(0.1, gt=0, lt=1)
+    masks: bool = False
 
 
 class TestConfig(Section):
