@@ -62,8 +62,9 @@ class DataConfig(Section):
 class TestConfig(Section):
     """Post-processing and evaluation settings.
 
-    ``score``: ranking score, ``cls``, ``cls_filter``, ``cls_ctr_sqrt`` (FCOS), ``cls_ctr`` (O2F) or ``drmm``
-    (D-RMM: softmax class probability x sigmoid foreground). ``nms_iou`` is the method's own post-processing: 0 means
+    ``score``: ranking score, ``cls``, ``cls_filter``, ``cls_ctr_sqrt`` (FCOS), ``cls_ctr`` (O2F),
+    ``cls_ctr_cls_thresh`` (O2F CondInst: threshold on cls, score cls x ctr) or ``drmm`` (D-RMM: softmax class
+    probability x sigmoid foreground). ``nms_iou`` is the method's own post-processing: 0 means
     end-to-end (no NMS); FCOS uses 0.6. Evaluation always reports AP without NMS and with class-aware NMS at
     ``eval_nms_iou`` side by side. ``predict_score`` is the default ``--score`` of ``e2edet predict`` and of the
     pictures (0 = unset, 0.3): training sets it in the checkpoints to the threshold that maximises F1 on the
@@ -72,7 +73,7 @@ class TestConfig(Section):
 
     __test__ = False  # not a pytest test class
 
-    score: Literal["cls", "cls_filter", "cls_ctr_sqrt", "cls_ctr", "drmm"] = "cls"
+    score: Literal["cls", "cls_filter", "cls_ctr_sqrt", "cls_ctr", "cls_ctr_cls_thresh", "drmm"] = "cls"
     score_thresh: Float = Field(0.05, ge=0, lt=1)
     topk_candidates: Int = Field(1000, ge=1)
     max_detections: Int = Field(100, ge=1)

@@ -20,7 +20,9 @@ __all__ = ["ARCH", "DenseLossSection", "DenseModelSection"]
 class DenseModelSection(ModelSection):
     """``model`` of ``arch: dense``: ``num_convs`` (depth of the cls and box towers), ``centerness`` (+
     ``ctr_convs`` x ``ctr_channels`` convs before it: O2F's 3 x 64), ``max_filter`` (DeFCN's 3D max filtering, with
-    GroupNorm when ``max_filter_gn``)."""
+    GroupNorm when ``max_filter_gn``), ``masks`` (O2F's CondInst instance-segmentation head, ``specs/dense.md``
+    §3.10: a controller of the dynamic mask head's parameters on the box tower and a mask branch on P3-P5 of width
+    ``mask_channels`` with ``mask_convs`` tower convs and ``mask_bases`` bases; needs ``data.masks``)."""
 
     arch: Literal["dense"] = "dense"
     num_convs: Int = Field(4, ge=0)
@@ -29,6 +31,10 @@ class DenseModelSection(ModelSection):
     ctr_channels: Int = Field(64, ge=1)
     max_filter: bool = False
     max_filter_gn: bool = True
+    masks: bool = False
+    mask_channels: Int = Field(128, ge=1)
+    mask_convs: Int = Field(4, ge=0)
+    mask_bases: Int = Field(8, ge=1)
 
 
 class DenseLossSection(Section):
@@ -40,6 +46,8 @@ class DenseLossSection(Section):
     quality use, ``cls``, ``cls_filter`` (3DMF) or ``cls_ctr`` (O2F). ``aux``: DeFCN's auxiliary one-to-many focal
     loss (``aux_topk``, ``aux_weight``). ``keep_infeasible``: keep Hungarian matches outside a GT's prior (official
     DeFCN; see :class:`e2edet.assign.poto.POTOAssigner`). ``focal_alpha`` < 0 disables the alpha term.
+    ``mask_weight`` (dice, 2) and ``sem_weight`` (auxiliary semantic focal loss, 1) weigh the mask losses of models
+    with ``model.masks`` (:class:`e2edet.losses.condinst_criterion.CondInstCriterion`).
     """
 
     assigner: Literal["fcos", "poto", "poto_argmax", "o2f"] = "poto"
@@ -59,6 +67,8 @@ class DenseLossSection(Section):
     max_t: Float = Field(0.6, ge=0, le=1)
     min_t: Float = Field(0.2, ge=0, le=1)
     o2f_neg_weight: Float = Field(0.75, ge=0)
+    mask_weight: Float = Field(2.0, ge=0)
+    sem_weight: Float = Field(1.0, ge=0)
 
 
 def check(cfg, source: str) -> None:
@@ -70,7 +80,7 @@ def check(cfg, source: str) -> None:
     if loss.score == "cls_filter" and not m.max_filter:
         raise ConfigError(f"{source}: loss.score=cls_filter needs model.max_filter=true (the 3DMF filter branch)")
     for key, score in (("test.score", cfg.test.score), ("loss.score", loss.score)):
-        if score in ("cls_ctr_sqrt", "cls_ctr") and not m.centerness:
+        if score in ("cls_ctr_sqrt", "cls_ctr", "cls_ctr_cls_thresh") and not m.centerness:
             raise ConfigError(f"{source}: {key}={score} needs model.centerness=true")
     if loss.assigner == "fcos" and not m.centerness:
         raise ConfigError(f"{source}: loss.assigner=fcos needs model.centerness=true (FCOS centerness loss)")
@@ -78,6 +88,12 @@ def check(cfg, source: str) -> None:
         raise ConfigError(f"{source}: loss.assigner=o2f goes with loss.score=cls_ctr (the joint cls x ctr score)")
     if loss.assigner == "fcos" and loss.score != "cls":
         raise ConfigError(f"{source}: loss.assigner=fcos trains on loss.score=cls (the product scores need POTO/O2F)")
+    if m.masks and loss.assigner != "o2f":
+        raise ConfigError(f"{source}: model.masks=true (the CondInst head of O2F's segmentation variant) trains with "
+                          f"loss.assigner=o2f, got {loss.assigner}")
+    if m.masks and not cfg.data.masks:
+        raise ConfigError(f"{source}: model.masks=true needs the instance masks of the training data: set "
+                          "data.masks=true")
 
 
 def build_model(cfg):
@@ -88,14 +104,22 @@ def build_model(cfg):
     return DenseDetector(backbone_name=m.backbone, num_classes=m.num_classes, pretrained=m.pretrained,
                          freeze_at=m.freeze_at, fpn_channels=m.fpn_channels, num_convs=m.num_convs,
                          centerness=m.centerness, ctr_convs=m.ctr_convs, ctr_channels=m.ctr_channels,
-                         max_filter=m.max_filter, max_filter_gn=m.max_filter_gn)
+                         max_filter=m.max_filter, max_filter_gn=m.max_filter_gn, masks=m.masks,
+                         mask_channels=m.mask_channels, mask_convs=m.mask_convs, mask_bases=m.mask_bases)
 
 
 def build_criterion(cfg):
-    """:class:`DenseCriterion`: every key of the ``loss`` section is one of its arguments."""
+    """:class:`DenseCriterion` (every key of the ``loss`` section but the mask weights is one of its arguments), or
+    :class:`CondInstCriterion` (all of them) for a model with ``masks``."""
+    from e2edet.losses.condinst_criterion import CondInstCriterion
     from e2edet.losses.dense_criterion import DenseCriterion
 
-    return DenseCriterion(num_classes=cfg.model.num_classes, **cfg.loss.model_dump())
+    keys = cfg.loss.model_dump()
+    mask_weight, sem_weight = keys.pop("mask_weight"), keys.pop("sem_weight")
+    if cfg.model.masks:
+        return CondInstCriterion(num_classes=cfg.model.num_classes, mask_weight=mask_weight, sem_weight=sem_weight,
+                                 **keys)
+    return DenseCriterion(num_classes=cfg.model.num_classes, **keys)
 
 
 def build_postprocessor(cfg):

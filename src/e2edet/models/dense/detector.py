@@ -11,7 +11,9 @@ from torch import nn
 
 from e2edet.models.backbone import build_backbone
 from e2edet.ops.boxes import decode_ltrb
+from e2edet.ops.dynamic_mask import num_dynamic_params
 from e2edet.models.dense.head import DenseHead
+from e2edet.models.dense.mask_branch import MaskBranch
 from e2edet.models.dense.points import anchor_points
 from e2edet.models.fpn import FPN
 from e2edet.models.inputs import check_inputs
@@ -40,6 +42,10 @@ class DenseDetector(nn.Module):
         max_filter_gn: GroupNorm inside 3DMF.
         freeze_at: backbone stages to freeze (cvpods ``FREEZE_AT``).
         norm: backbone norm (``None`` = FrozenBN when pretrained, BN otherwise).
+        masks: the CondInst instance-mask head of O2F's segmentation variant (``specs/dense.md`` §3.10): a
+            ``controller`` on the reg tower (169 dynamic parameters per point for ``mask_bases`` = 8) and a
+            :class:`~e2edet.models.dense.mask_branch.MaskBranch` on P3-P5 (width ``mask_channels``, ``mask_convs``
+            tower convs, ``mask_bases`` bases, semantic head over the ``num_classes`` classes).
 
     Attributes:
         num_classes, strides (``[8, 16, 32, 64, 128]``), backbone, fpn, head. A trained model is rebuilt from the
@@ -60,6 +66,10 @@ class DenseDetector(nn.Module):
         norm: str | None = None,
         ctr_convs: int = 0,
         ctr_channels: int = 64,
+        masks: bool = False,
+        mask_channels: int = 128,
+        mask_convs: int = 4,
+        mask_bases: int = 8,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -77,7 +87,10 @@ class DenseDetector(nn.Module):
             strides=tuple(self.strides),
             ctr_convs=ctr_convs,
             ctr_channels=ctr_channels,
+            mask_params=num_dynamic_params(mask_bases) if masks else 0,
         )
+        self.mask_branch = MaskBranch(fpn_channels, mask_channels, mask_convs, mask_bases, num_levels=3,
+                                      num_classes=num_classes) if masks else None
         self._point_cache: dict[tuple, tuple] = {}
 
     def _anchor_points(self, sizes: list[tuple[int, int]], device: torch.device) -> tuple:
@@ -108,6 +121,9 @@ class DenseDetector(nn.Module):
             ``pred_ltrb`` ``[B, R, 4]`` pixels >= 0; ``pred_ctr`` ``[B, R]`` logits (only with ``centerness``);
             ``pred_filter`` ``[B, R]`` logits (only with ``max_filter``); ``points`` ``[R, 2]`` (x, y) pixels;
             ``strides`` ``[R]`` float; ``levels`` ``[R]`` int64 (0 = P3); ``num_points_per_level`` ``list[int]``.
+            With ``masks``: ``pred_mask_params`` ``[B, R, P]`` (dynamic mask-head parameters per point, P = 169),
+            ``mask_feats`` ``[B, num_bases, H/8, W/8]`` (mask bases), ``mask_feat_stride`` ``int`` (8) and, in
+            training mode only, ``pred_semantic`` ``[B, K, H/8, W/8]`` logits of the auxiliary semantic loss.
 
         Raises:
             ValueError: ``images`` is not ``[B, 3, H, W]`` with ``H``/``W`` multiples of 32, or bad ``image_sizes``
@@ -130,4 +146,10 @@ class DenseDetector(nn.Module):
         if "filter" in head_out:
             out["pred_filter"] = flatten_levels(head_out["filter"]).squeeze(-1)
         out.update(points=points, strides=strides, levels=levels, num_points_per_level=list(counts))
+        if self.mask_branch is not None:
+            mask_feats, semantic = self.mask_branch(features)
+            out.update(pred_mask_params=flatten_levels(head_out["mask_params"]), mask_feats=mask_feats,
+                       mask_feat_stride=self.strides[0])
+            if semantic is not None:
+                out["pred_semantic"] = semantic
         return out
