@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from faster_coco_eval import COCO
 from faster_coco_eval.core import mask as mask_utils
