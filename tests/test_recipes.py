@@ -28,11 +28,17 @@ SHRINK = {
 }
 
 
-def _targets(size):
+def _targets(size, masks=False):
     h, w = size
     boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 20.0, w - 2.0, h - 3.0]])
-    return [{"boxes": boxes, "labels": torch.tensor([0, 2]), "size": torch.tensor(size),
-             "orig_size": torch.tensor([2 * h, 2 * w]), "image_id": 1}]
+    target = {"boxes": boxes, "labels": torch.tensor([0, 2]), "size": torch.tensor(size),
+              "orig_size": torch.tensor([2 * h, 2 * w]), "image_id": 1}
+    if masks:  # instance-segmentation recipes: an ellipse inside each box, in the (padded) input frame
+        yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        c, r = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) / 2
+        target["masks"] = ((((xx - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2
+                            + ((yy - c[:, 1, None, None]) / r[:, 1, None, None]) ** 2) <= 1).to(torch.uint8)
+    return [target]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -47,7 +53,7 @@ def test_recipe_trains_one_step_with_finite_gradients(name):
         cfg = apply_overrides(cfg, SHRINK[cfg.model.arch])
     model, criterion, post = build_model(cfg).train(), build_criterion(cfg), build_postprocessor(cfg)
     size = (64, 96)
-    targets = _targets(size)
+    targets = _targets(size, masks=getattr(cfg.model, "masks", False))
     outputs = model(torch.randn(1, 3, *size), torch.tensor([size]))
     losses = criterion(outputs, targets, epoch=0, max_epoch=cfg.train.epochs or 1)
     keys = [k for k in losses if is_loss_key(k)]

@@ -72,7 +72,9 @@ class Datasets:
 
 
 def build_datasets(cfg: Config, train: bool = True) -> Datasets:
-    """Resolve ``cfg.data.dataset`` and build the datasets with their transforms.
+    """Resolve ``cfg.data.dataset`` and build the datasets with their transforms; the training split loads the
+    instance masks when ``cfg.data.masks`` (the evaluation splits never need them: COCO ``segm`` evaluation reads
+    the annotation file).
 
     Raises:
         ConfigError: no dataset given (COCO recipes need ``data=PATH``).
@@ -82,7 +84,7 @@ def build_datasets(cfg: Config, train: bool = True) -> Datasets:
     if not d.dataset:
         raise ConfigError(
             f"recipe {cfg.name} needs a dataset: add data=PATH (a dataset YAML with train_json, train_images, "
-            "val_json, val_images; or a Pascal VOC folder; or a sample name: trees, bccd)"
+            "val_json, val_images; or a Pascal VOC folder; or a sample name: trees, bccd, dsb2018)"
         )
     paths = resolve_dataset(d.dataset, d.val_fraction)
     val = CocoDetection(paths.val_json, paths.val_images, build_eval_transforms(d.test_min_size, d.test_max_size))
@@ -97,7 +99,7 @@ def build_datasets(cfg: Config, train: bool = True) -> Datasets:
     if train:
         tf = build_train_transforms(d.train_min_sizes, d.train_max_size, d.flip_prob, d.crop, d.vflip_prob,
                                     d.transpose_prob)
-        train_ds = CocoDetection(paths.train_json, paths.train_images, tf, filter_empty=d.filter_empty)
+        train_ds = CocoDetection(paths.train_json, paths.train_images, tf, filter_empty=d.filter_empty, masks=d.masks)
         if train_ds.class_names != val.class_names:
             raise ConfigError(
                 f"train and val datasets have different categories: {train_ds.class_names} ({paths.train_json}) vs "

@@ -37,7 +37,7 @@ __all__ = [
 class DataConfig(Section):
     """Dataset and augmentation settings.
 
-    ``dataset`` is a sample name (``trees``, ``bccd``), a Pascal VOC root folder, a dataset YAML file with
+    ``dataset`` is a sample name (``trees``, ``bccd``, ``dsb2018``), a Pascal VOC root folder, a dataset YAML file with
     ``train_json``/``train_images``/``val_json``/``val_images``, or an Ultralytics ``data.yaml`` (or its folder); see
     :func:`e2edet.data.datasets.resolve_dataset`. ``val_fraction`` is the share of the training images held out
     (seeded, the same split for every ``train.seed``) when the dataset has no validation split.
@@ -45,7 +45,9 @@ class DataConfig(Section):
     ``train_max_size``); evaluation resizes the shorter side to ``test_min_size``. ``flip_prob``, ``vflip_prob`` and
     ``transpose_prob`` are the probabilities of the horizontal flip, the vertical flip and the axis swap
     (:class:`e2edet.data.transforms.RandomTranspose`; 0.5 each = the 8 orientations of the square, for images with no
-    "up" such as aerial views).
+    "up" such as aerial views). ``masks``: the training split also loads the COCO instance masks (``segmentation``,
+    polygons or RLE) as the targets' ``masks``, for models that predict masks (``model.masks``); evaluation reads the
+    masks from the annotation file itself.
     """
 
     dataset: str = "trees"
@@ -59,13 +61,15 @@ class DataConfig(Section):
     crop: bool = False
     filter_empty: bool = True
     val_fraction: Float = Field(0.1, gt=0, lt=1)
+    masks: bool = False
 
 
 class TestConfig(Section):
     """Post-processing and evaluation settings.
 
-    ``score``: ranking score, ``cls``, ``cls_filter``, ``cls_ctr_sqrt`` (FCOS), ``cls_ctr`` (O2F) or ``drmm``
-    (D-RMM: softmax class probability x sigmoid foreground). ``nms_iou`` is the method's own post-processing: 0 means
+    ``score``: ranking score, ``cls``, ``cls_filter``, ``cls_ctr_sqrt`` (FCOS), ``cls_ctr`` (O2F),
+    ``cls_ctr_cls_thresh`` (O2F CondInst: threshold on cls, score cls x ctr) or ``drmm`` (D-RMM: softmax class
+    probability x sigmoid foreground). ``nms_iou`` is the method's own post-processing: 0 means
     end-to-end (no NMS); FCOS uses 0.6. Evaluation always reports AP without NMS and with class-aware NMS at
     ``eval_nms_iou`` side by side. ``predict_score`` is the default ``--score`` of ``e2edet predict`` and of the
     pictures (0 = unset, 0.3): training sets it in the checkpoints to the threshold that maximises F1 on the
@@ -74,7 +78,7 @@ class TestConfig(Section):
 
     __test__ = False  # not a pytest test class
 
-    score: Literal["cls", "cls_filter", "cls_ctr_sqrt", "cls_ctr", "drmm"] = "cls"
+    score: Literal["cls", "cls_filter", "cls_ctr_sqrt", "cls_ctr", "cls_ctr_cls_thresh", "drmm"] = "cls"
     score_thresh: Float = Field(0.05, ge=0, lt=1)
     topk_candidates: Int = Field(1000, ge=1)
     max_detections: Int = Field(100, ge=1)

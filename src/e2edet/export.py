@@ -379,7 +379,8 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
     Returns:
         The written path.
     Raises:
-        ExportError (a ``ConfigError``): an FCOS-style recipe (needs NMS), a size that is not a positive multiple
+        ExportError (a ``ConfigError``): an FCOS-style recipe (needs NMS), an instance-segmentation model
+            (``model.masks``: the graph would have no mask output), a size that is not a positive multiple
             of 32, ``dynamic=True`` for a model that cannot have it, an ``out`` that cannot be written, or
             ``onnx``/``onnxruntime`` not installed.
         ExportMismatchError: onnxruntime's detections differ from PyTorch's when compared as sets
@@ -391,6 +392,9 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
                           "recipe (poto, poto_3dmf, defcn, anchor, center, fg_loss, o2f, sparse_rcnn, adamixer, "
                           "drmm_*, deformable_detr*)")
     check_size(height, width)
+    if getattr(cfg.model, "masks", False):
+        raise ExportError(f"{cfg.name} predicts instance masks (model.masks=true); ONNX export covers box detectors "
+                          "only (the graph has no mask output): use `e2edet predict` for its masks")
     if cfg.model.arch == "dense" and cfg.test.topk_candidates < cfg.test.max_detections:
         raise ExportError(f"test.topk_candidates={cfg.test.topk_candidates} < test.max_detections="
                           f"{cfg.test.max_detections}: the graph's single top-k equals the per-level top-k only when "

@@ -51,6 +51,9 @@ class O2FAssigner:
 
     Every kept point (certain or soft) gets its GT's class and box (full regression supervision).
 
+    The instance-segmentation variant (§3.10, ``condinst_head.py``) centers the prior on the GT's mask centroid
+    (:func:`~e2edet.assign.prior.mask_centroids`) instead of its box center: pass ``centers``.
+
     Args:
         alpha: IoU weight of ``Q`` (``poto_alpha`` = 0.8).
         center_radius: prior radius in strides (1.5).
@@ -71,7 +74,8 @@ class O2FAssigner:
 
     @torch.no_grad()
     def __call__(self, prob: Tensor, pred_boxes: Tensor, points: Tensor, strides: Tensor, targets: list[dict],
-                 num_classes: int, epoch: int = 0, max_epoch: int = 1) -> DenseAssignment:
+                 num_classes: int, epoch: int = 0, max_epoch: int = 1,
+                 centers: list[Tensor | None] | None = None) -> DenseAssignment:
         """Assign the anchor points of a batch.
 
         Args:
@@ -81,6 +85,8 @@ class O2FAssigner:
             targets: B dicts with ``boxes float32 [G, 4]`` xyxy pixels and ``labels int64 [G]``.
             num_classes: ``K`` (background label).
             epoch, max_epoch: 0-based epoch and number of epochs of the run, for :func:`soft_target_scale`.
+            centers: optional per image ``float [G, 2]`` (x, y) pixels centering each GT's prior (mask centroids);
+                None (or a None entry) means the box centers.
         Returns:
             :class:`DenseAssignment` with ``soft_targets`` and ``weights`` ``float32 [B, R]`` (0 on background).
         """
@@ -96,7 +102,8 @@ class O2FAssigner:
                 continue
             labels = tgt["labels"].to(device=device, dtype=torch.int64)
             p = prob[b].float()[:, labels].t()  # [G, R] probability of each GT's class
-            prior = center_prior(points.float(), strides, boxes, self.center_radius)
+            center = None if centers is None or centers[b] is None else centers[b].to(device=device, dtype=torch.float32)
+            prior = center_prior(points.float(), strides, boxes, self.center_radius, centers=center)
             iou = box_iou(boxes, pred_boxes[b].float()).nan_to_num(0.0) * prior
             q = poto_quality(p, iou, self.alpha) * prior
             idx, k = self._select(q, iou)

@@ -76,6 +76,34 @@ def center_prior(
     return torch.cat((p - lo, hi - p), dim=-1).amin(dim=-1) > 0
 
 
+def mask_centroids(masks: Tensor, boxes: Tensor) -> Tensor:
+    """Centroids of instance masks (first-order moments), the centers of the CondInst center prior.
+
+    ``cx = Σ x·m(x, y) / Σ m``, ``cy = Σ y·m(x, y) / Σ m`` with ``x``, ``y`` the **column and row indices** of the
+    pixels (official: ``arange(w)``, ``arange(h)``, no half-pixel offset, so the centroid of a one-pixel mask at
+    column ``j`` is ``j``, not ``j + 0.5``). A mask without any pixel (an object whose mask the resize lost) takes its
+    box center: the official code divides by ``clamp(m00, 1e-6)`` and gets the image corner ``(0, 0)``, which leaves
+    such a GT without any point in its prior; this is the one deviation.
+
+    Args:
+        masks: ``[G, H, W]`` bool or 0/1 (any nonzero value is inside), in the frame of ``boxes`` (padding allowed).
+        boxes: ``float [G, 4]`` xyxy pixels.
+    Returns:
+        ``float32 [G, 2]`` (x, y) pixels.
+    Source: ``specs/dense.md`` §3.10; official ``strongwolf/o2f`` ``condinst_head.py``
+    ``E2ECondInstHead._get_target_single`` (``m00``, ``m10``, ``m01``).
+    """
+    m = (masks != 0).float()
+    m00 = m.sum(dim=(1, 2))
+    xs = torch.arange(m.shape[2], device=m.device, dtype=torch.float32)
+    ys = torch.arange(m.shape[1], device=m.device, dtype=torch.float32)
+    m10 = (m.sum(dim=1) * xs).sum(dim=1)
+    m01 = (m.sum(dim=2) * ys).sum(dim=1)
+    centroids = torch.stack((m10, m01), dim=1) / m00.clamp(min=1e-6)[:, None]
+    box_centers = (boxes[:, :2].float() + boxes[:, 2:].float()) / 2
+    return torch.where((m00 > 0)[:, None], centroids, box_centers)
+
+
 def poto_quality(prob: Tensor, iou: Tensor, alpha: float = 0.8) -> Tensor:
     """POTO quality ``Q = prob^(1 - alpha) · IoU^alpha``, elementwise.
 

@@ -14,6 +14,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
 from e2edet.data.errors import dataset_error
+from e2edet.data.masks import decode_segmentation, segmentation_problem
 from e2edet.data.validate import image_problem, load_coco_json, require_image_file, validate_coco
 
 __all__ = ["CocoDetection", "read_image", "pil_to_rgb"]
@@ -102,9 +103,13 @@ class CocoDetection(torch.utils.data.Dataset):
             dict whose ``boxes`` is ``tv_tensors.BoundingBoxes`` (XYXY, pixels) and ``labels`` ``int64 [G]``.
         filter_empty: drop images without any non-crowd box (for training).
         check_files: check at load time that every image file exists.
+        masks: also load the instance masks (``segmentation``: polygons or RLE, decoded with faster-coco-eval's
+            mask API, :func:`e2edet.data.masks.decode_segmentation`) as the target's ``masks``, a
+            ``tv_tensors.Mask`` ``uint8 [G, H, W]`` that the v2 transforms move with the image.
 
     Raises:
-        DatasetError: the file is unreadable or fails :func:`~e2edet.data.validate.validate_coco`.
+        DatasetError: the file is unreadable or fails :func:`~e2edet.data.validate.validate_coco`; with ``masks``,
+            a non-crowd annotation without a valid ``segmentation`` for its image's size.
     """
 
     def __init__(
@@ -114,6 +119,7 @@ class CocoDetection(torch.utils.data.Dataset):
         transforms: Callable[[Any, dict], tuple[Any, dict]] | None = None,
         filter_empty: bool = False,
         check_files: bool = True,
+        masks: bool = False,
     ) -> None:
         self.ann_file = Path(ann_file)
         self.image_root = Path(image_root)
@@ -134,6 +140,25 @@ class CocoDetection(torch.utils.data.Dataset):
         if filter_empty:
             ids = [i for i in ids if any(not a.get("iscrowd", 0) for a in self._anns[i])]
         self.image_ids = ids
+        self.masks = bool(masks)
+        if self.masks:
+            self._check_segmentations()
+
+    def _check_segmentations(self) -> None:
+        """Every non-crowd annotation has a segmentation of its image's size (``masks=True``)."""
+        for image_id, anns in self._anns.items():
+            info = self._images.get(image_id)
+            if info is None:
+                continue
+            for ann in anns:
+                if ann.get("iscrowd", 0):
+                    continue
+                segm = ann.get("segmentation")
+                problem = ("no segmentation (instance masks were asked for: data.masks)" if segm is None else
+                           segmentation_problem(segm, int(info["height"]), int(info["width"])))
+                if problem is not None:
+                    raise dataset_error(self.ann_file, f"annotation id {ann.get('id')} (image id {image_id})",
+                                        f"segmentation: {problem}")
 
     @property
     def num_classes(self) -> int:
@@ -161,7 +186,9 @@ class CocoDetection(torch.utils.data.Dataset):
             ``target``: ``boxes`` ``float32 [G, 4]`` xyxy pixels of the returned image (plain tensor),
             ``labels`` ``int64 [G]`` in ``[0, K)``, ``image_id`` ``int``, ``size`` ``int64 [2]`` = (h, w) of
             the returned image, ``orig_size`` ``int64 [2]`` = (H, W) of the file. Crowd boxes are excluded;
-            boxes are clipped to the image (validation allows 1 px outside) and empty ones dropped.
+            boxes are clipped to the image (validation allows 1 px outside) and empty ones dropped. With
+            ``masks``: ``masks`` ``uint8 [G, h, w]`` (1 inside), the instance masks in the frame of the returned
+            image, row ``i`` the mask of box ``i``.
 
         Raises:
             DatasetError: the image file is missing, corrupt, or its size differs from the JSON record.
@@ -190,9 +217,12 @@ class CocoDetection(torch.utils.data.Dataset):
             "labels": labels.reshape(-1)[keep],
             "image_id": int(info["id"]),
         }
+        if self.masks:
+            target["masks"] = tv_tensors.Mask(self._decode_masks(
+                [a for a, k in zip(anns, keep.tolist()) if k], height, width))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
-        boxes = target["boxes"]
+        boxes, target_masks = target["boxes"], target.get("masks")
         out_h, out_w = int(image.shape[-2]), int(image.shape[-1])
         target = {
             "boxes": boxes.as_subclass(torch.Tensor).to(torch.float32).reshape(-1, 4),
@@ -201,4 +231,13 @@ class CocoDetection(torch.utils.data.Dataset):
             "size": torch.tensor([out_h, out_w], dtype=torch.int64),
             "orig_size": torch.tensor([height, width], dtype=torch.int64),
         }
+        if self.masks:
+            masks = target_masks.as_subclass(torch.Tensor).to(torch.uint8)
+            target["masks"] = masks.reshape(-1, out_h, out_w)
         return image.as_subclass(torch.Tensor), target
+
+    def _decode_masks(self, anns: list[dict], height: int, width: int) -> torch.Tensor:
+        """``uint8 [G, height, width]`` masks of ``anns`` (checked at load time)."""
+        if not anns:
+            return torch.zeros(0, height, width, dtype=torch.uint8)
+        return torch.from_numpy(np.stack([decode_segmentation(a["segmentation"], height, width) for a in anns]))

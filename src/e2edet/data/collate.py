@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["pad_images", "collate"]
+__all__ = ["pad_images", "pad_masks", "collate"]
 
 
 def pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 32) -> torch.Tensor:
@@ -42,6 +42,20 @@ def pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 32) -> t
     return batch
 
 
+def pad_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Zero-pad instance masks ``[G, h, w]`` at the bottom and right to ``[G, height, width]`` (the padded image
+    size); the dtype is kept.
+
+    Raises:
+        ValueError: ``masks`` is not 3-D or is larger than ``height`` x ``width``.
+    """
+    if masks.dim() != 3 or masks.shape[1] > height or masks.shape[2] > width:
+        raise ValueError(f"pad_masks: masks of shape {tuple(masks.shape)} do not fit [G, {height}, {width}]")
+    out = masks.new_zeros((masks.shape[0], height, width))
+    out[:, : masks.shape[1], : masks.shape[2]] = masks
+    return out
+
+
 def collate(
     batch: Sequence[tuple[torch.Tensor, dict]], size_divisibility: int = 32
 ) -> tuple[torch.Tensor, list[dict]]:
@@ -55,8 +69,11 @@ def collate(
     Returns:
         ``(images, targets)``: ``images`` ``float32 [B, 3, Hp, Wp]`` zero-padded bottom/right with ``Hp``,
         ``Wp`` multiples of ``size_divisibility``; ``targets`` the list of the ``B`` target dicts
-        unchanged (their ``size`` is the unpadded ``(h, w)``).
+        unchanged (their ``size`` is the unpadded ``(h, w)``), except that instance ``masks`` ``[G, h_i, w_i]``
+        are zero-padded like their image to ``[G, Hp, Wp]`` (:func:`pad_masks`) in a copy of the dict.
     """
-    images = [sample[0] for sample in batch]
+    images = pad_images([sample[0] for sample in batch], size_divisibility)
     targets = [sample[1] for sample in batch]
-    return pad_images(images, size_divisibility), targets
+    height, width = int(images.shape[-2]), int(images.shape[-1])
+    targets = [{**t, "masks": pad_masks(t["masks"], height, width)} if "masks" in t else t for t in targets]
+    return images, targets

@@ -17,11 +17,13 @@ from e2edet.data.splits import SPLIT_SEED, split_coco
 from e2edet.data.ultralytics import is_ultralytics_yaml, ultralytics_as_coco
 from e2edet.data.voc import voc_class_names, voc_to_coco
 
-__all__ = ["DatasetPaths", "resolve_dataset", "find_bccd", "voc_as_coco", "ACCEPTED_SPECS"]
+__all__ = ["DatasetPaths", "resolve_dataset", "find_bccd", "find_dsb2018", "voc_as_coco", "ACCEPTED_SPECS"]
 
 ACCEPTED_SPECS = (
     "'trees' (NEON tree crowns from the deepforest wheel: a held-out crop as val, two other sites as test), "
     "'bccd' (blood cells: $E2EDET_BCCD or shared/data/bccd in the current folder or one above it), "
+    "'dsb2018' (nucleus instance masks: $E2EDET_DSB2018 or shared/data/dsb2018 in the current folder or one above "
+    "it), "
     "a Pascal VOC folder (Annotations/, JPEGImages/, ImageSets/Main/{train,val}.txt), "
     "a dataset YAML file with keys train_json, train_images, val_json, val_images, "
     "or an Ultralytics YOLO data.yaml (path, train, val, names) or a folder holding one"
@@ -54,15 +56,40 @@ def find_bccd() -> Path:
     Raises:
         DatasetError: not found (the message lists the places looked at).
     """
-    env = os.environ.get("E2EDET_BCCD")
-    candidates = [Path(env)] if env else []
+    return _find_shared("bccd", "E2EDET_BCCD", _is_voc_root, "BCCD VOC folder")
+
+
+def _find_shared(name: str, env: str, is_root, what: str) -> Path:
+    """``$env`` if set, else ``shared/data/<name>`` in the current folder or any folder above it, the first where
+    ``is_root(path)`` holds.
+
+    Raises:
+        DatasetError: not found (the message lists the places looked at).
+    """
+    value = os.environ.get(env)
+    candidates = [Path(value)] if value else []
     cwd = Path.cwd().resolve()
-    candidates += [folder / "shared" / "data" / "bccd" for folder in (cwd, *cwd.parents)]
+    candidates += [folder / "shared" / "data" / name for folder in (cwd, *cwd.parents)]
     for candidate in candidates:
-        if _is_voc_root(candidate):
+        if is_root(candidate):
             return candidate
     looked = ", ".join(str(c) for c in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
-    raise dataset_error("bccd", "dataset", f"BCCD VOC folder not found (set $E2EDET_BCCD); looked at {looked}")
+    raise dataset_error(name, "dataset", f"{what} not found (set ${env}); looked at {looked}")
+
+
+def _is_dsb2018_root(path: Path) -> bool:
+    return (path / "train.json").is_file() and (path / "val.json").is_file() and (path / "images").is_dir()
+
+
+def find_dsb2018() -> Path:
+    """Locate the DSB2018 nucleus dataset (COCO JSON with RLE instance masks: ``train.json``, ``val.json``,
+    ``images/``): ``$E2EDET_DSB2018`` if set, else ``shared/data/dsb2018`` in the current folder or any folder above
+    it (so ``../shared/data/dsb2018`` from a repository clone).
+
+    Raises:
+        DatasetError: not found (the message lists the places looked at).
+    """
+    return _find_shared("dsb2018", "E2EDET_DSB2018", _is_dsb2018_root, "DSB2018 folder (train.json, val.json, images/)")
 
 
 def voc_as_coco(voc_root: str | Path, name: str | None = None, val_fraction: float = 0.1) -> DatasetPaths:
@@ -144,7 +171,8 @@ def resolve_dataset(spec: str | Path, val_fraction: float = 0.1) -> DatasetPaths
     """Turn a dataset specification into :class:`DatasetPaths`.
 
     Accepted: ``"trees"`` (:func:`~e2edet.data.samples.prepare_trees`: the held-out YELL crop validates,
-    the two other sites are the test split), ``"bccd"`` (:func:`find_bccd`, converted like a VOC folder), a Pascal VOC folder
+    the two other sites are the test split), ``"bccd"`` (:func:`find_bccd`, converted like a VOC folder), ``"dsb2018"``
+    (:func:`find_dsb2018`: its COCO JSON files as they are, with instance masks), a Pascal VOC folder
     (:func:`voc_as_coco`), a YAML file with ``train_json``, ``train_images``, ``val_json``,
     ``val_images`` paths relative to the YAML's folder (optional ``name``, and ``test_json`` + ``test_images`` for
     a test split evaluated at the end of training), or an Ultralytics ``data.yaml``
@@ -162,6 +190,9 @@ def resolve_dataset(spec: str | Path, val_fraction: float = 0.1) -> DatasetPaths
                             "trees", paths["test_json"], paths["test_images"])
     if text == "bccd":
         return voc_as_coco(find_bccd(), name="bccd", val_fraction=val_fraction)
+    if text == "dsb2018":
+        root = find_dsb2018()
+        return DatasetPaths(root / "train.json", root / "images", root / "val.json", root / "images", "dsb2018")
     path = Path(text).expanduser()
     if path.is_dir() and _is_voc_root(path):
         return voc_as_coco(path, val_fraction=val_fraction)

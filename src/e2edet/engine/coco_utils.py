@@ -1,4 +1,5 @@
-"""Small COCO helpers shared by the evaluator, the diagnostics and the crowd metrics (no e2edet imports)."""
+"""Small COCO helpers shared by the evaluator, the diagnostics, the crowd metrics and the predictor's COCO results
+(no e2edet imports)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from faster_coco_eval import COCO
+from faster_coco_eval.core import mask as mask_utils
 
-__all__ = ["as_coco", "quiet_print"]
+__all__ = ["as_coco", "encode_masks", "quiet_print"]
 
 
 def quiet_print(*args: Any, **kwargs: Any) -> None:
@@ -34,3 +37,25 @@ def as_coco(coco_gt: Any) -> COCO:
             raise FileNotFoundError(f"COCO annotation file {coco_gt} does not exist")
         return COCO(str(coco_gt), print_function=quiet_print)
     raise TypeError(f"coco_gt must be a COCO object, a dict or a path, got {type(coco_gt).__name__}")
+
+
+def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """Binary masks as COCO RLE, the ``segmentation`` of ``segm`` results (faster-coco-eval's ``mask.encode``, the
+    pycocotools algorithm).
+
+    Args:
+        masks: ``[k, H, W]`` bool or 0/1 integers (any nonzero value is inside), on any device.
+    Returns:
+        ``k`` dicts ``{"size": [H, W], "counts": str}`` (compressed RLE, counts decoded to ASCII so they go into
+        JSON), in order.
+    """
+    if masks.dim() != 3:
+        raise ValueError(f"encode_masks: expected [k, H, W] masks, got shape {tuple(masks.shape)}")
+    if masks.shape[0] == 0:
+        return []
+    masks = masks.detach().to("cpu")
+    binary = masks.to(torch.uint8) if masks.dtype == torch.bool else masks.ne(0).to(torch.uint8)
+    # [k, W, H] C-contiguous is [H, W, k] Fortran-ordered, the layout the RLE encoder reads: one copy, no other
+    array = binary.transpose(1, 2).contiguous().numpy().transpose(2, 1, 0)
+    rles = mask_utils.encode(array)
+    return [{"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in rles]

@@ -1,4 +1,5 @@
-"""COCO box evaluation with faster-coco-eval, with and without NMS from one forward pass per batch."""
+"""COCO box (and, for models that predict masks, mask) evaluation with faster-coco-eval, with and without NMS from
+one forward pass per batch."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from faster_coco_eval import COCOeval_faster
 from torch import nn
 from tqdm import tqdm
 
-from e2edet.engine.coco_utils import as_coco, quiet_print
+from e2edet.engine.coco_utils import as_coco, encode_masks, quiet_print
 from e2edet.engine.crowd_metrics import crowd_metrics
 from e2edet.engine.diagnostics import diagnostics, plot_pr_curves, plot_reliability
 from e2edet.utils.dist import get_world_size, is_dist, is_main_process
@@ -25,6 +26,9 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100
 """Names of COCOeval's 12 ``stats`` entries, in order."""
 
 TABLE_ROWS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+MASK_TABLE_ROWS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+"""Mask metrics of the table (``results["segm"]``), shown as ``maskAP``, ``maskAP50``, ..."""
+IOU_TYPES = ("bbox", "segm")
 
 DIAGNOSTIC_ROWS = {"dup%": "duplicate_rate", "ECE": "ece"}
 CROWD_ROWS = {"mMR": "mMR", "recall": "recall"}
@@ -32,19 +36,24 @@ CROWD_ROWS = {"mMR": "mMR", "recall": "recall"}
 
 
 class CocoEvaluator:
-    """Accumulates detections and computes COCO box AP/AR (percent, 0-100).
+    """Accumulates detections and computes COCO box or mask AP/AR (percent, 0-100).
 
     Args:
         coco_gt: ground truth as a ``faster_coco_eval.COCO``, a COCO dataset dict, or a path to its JSON.
         label_to_cat_id: ``label_to_cat_id[label]`` is the COCO category id of contiguous label ``label``.
+        iou_type: ``"bbox"`` (box AP) or ``"segm"`` (mask AP: the predictions carry ``masks``, stored as RLE; the
+            ground truth needs ``segmentation`` entries).
     Raises:
-        ValueError: a mapped category id is not among the ground-truth categories.
+        ValueError: a mapped category id is not among the ground-truth categories, or an unknown ``iou_type``.
 
     Under DDP every rank calls :meth:`update` with its own images and then :meth:`summarize` (collective);
     images seen by several ranks (a padded distributed sampler) count once.
     """
 
-    def __init__(self, coco_gt: Any, label_to_cat_id: Sequence[int]) -> None:
+    def __init__(self, coco_gt: Any, label_to_cat_id: Sequence[int], iou_type: str = "bbox") -> None:
+        if iou_type not in IOU_TYPES:
+            raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
+        self.iou_type = iou_type
         self.coco_gt = as_coco(coco_gt)
         self.label_to_cat_id = [int(c) for c in label_to_cat_id]
         unknown = sorted(set(self.label_to_cat_id) - set(self.coco_gt.getCatIds()))
@@ -62,9 +71,13 @@ class CocoEvaluator:
         Args:
             image_ids: COCO image ids, one per prediction.
             predictions: per image ``{"boxes": [k, 4] xyxy pixels of the original image, "scores": [k],
-                "labels": [k] contiguous labels}`` (the post-processor contract).
+                "labels": [k] contiguous labels}`` (the post-processor contract), and for ``iou_type="segm"``
+                ``"masks": bool [k, H, W]`` in the original image. Mask results hold the RLE ``segmentation`` and no
+                ``bbox``, so that COCO takes a detection's area (small/medium/large) from its mask, as detectron2
+                and mmdet do.
         Raises:
-            ValueError: length mismatch, unknown image id, or a label outside ``label_to_cat_id``.
+            ValueError: length mismatch, unknown image id, a label outside ``label_to_cat_id``, or (``segm``)
+                missing masks or a mask count that differs from the box count.
         """
         image_ids = [int(i) for i in image_ids]
         if len(image_ids) != len(predictions):
@@ -79,11 +92,18 @@ class CocoEvaluator:
             bad = [lab for lab in labels if not 0 <= lab < num_labels]
             if bad:
                 raise ValueError(f"labels {sorted(set(bad))} of image {image_id} are outside [0, {num_labels})")
-            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+            if self.iou_type == "segm":
+                if "masks" not in pred or pred["masks"].shape[0] != len(scores):
+                    found = tuple(pred["masks"].shape) if "masks" in pred else "none"
+                    raise ValueError(f"image {image_id}: segm evaluation needs masks [k, H, W] for its {len(scores)} "
+                                     f"detections, got {found}")
+                regions = [{"segmentation": rle} for rle in encode_masks(pred["masks"])]
+            else:
+                xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+                regions = [{"bbox": box} for box in xywh]
             self._per_image[image_id] = [
-                {"image_id": image_id, "category_id": self.label_to_cat_id[int(lab)], "bbox": box,
-                 "score": score}
-                for box, score, lab in zip(xywh, scores, labels)
+                {"image_id": image_id, "category_id": self.label_to_cat_id[int(lab)], **region, "score": score}
+                for region, score, lab in zip(regions, scores, labels)
             ]
         self._synced = False
         self._curves = None
@@ -108,7 +128,8 @@ class CocoEvaluator:
         return sorted(self._per_image)
 
     def detections(self) -> list[dict[str, Any]]:
-        """Detections in COCO results format (``image_id``, ``category_id``, ``bbox`` xywh, ``score``)."""
+        """Detections in COCO results format (``image_id``, ``category_id``, ``bbox`` xywh or ``segmentation``
+        RLE, ``score``)."""
         return [copy.copy(d) for image_id in self.image_ids for d in self._per_image[image_id]]
 
     def summarize(self) -> dict[str, float]:
@@ -125,7 +146,7 @@ class CocoEvaluator:
             self._curves = self._curves_from(None, image_ids)
             return {name: 0.0 for name in METRIC_NAMES}
         coco_dt = self.coco_gt.loadRes(dets)
-        coco_eval = COCOeval_faster(self.coco_gt, coco_dt, iouType="bbox", print_function=quiet_print)
+        coco_eval = COCOeval_faster(self.coco_gt, coco_dt, iouType=self.iou_type, print_function=quiet_print)
         coco_eval.params.imgIds = image_ids
         coco_eval.evaluate()
         coco_eval.accumulate()
@@ -234,7 +255,9 @@ def evaluate(
     Returns:
         ``{"no_nms": metrics, "nms": metrics, "nms_iou": nms_iou, "num_images": n, "seconds": wall time,
         "diagnostics": {"no_nms": diag, "nms": diag}, "crowd": {"no_nms": crowd, "nms": crowd},
-        "per_class": {"no_nms": rows, "nms": rows}}`` (metrics as in
+        "per_class": {"no_nms": rows, "nms": rows}}`` and, when the post-processor returns ``masks`` (instance
+        segmentation models), ``"segm": {"no_nms": metrics, "nms": metrics}``: COCO mask AP (faster-coco-eval
+        ``segm``) of the same detections, the NMS column with NMS on their boxes (metrics as in
         :meth:`CocoEvaluator.summarize`, ``diag`` as in :func:`e2edet.engine.diagnostics.diagnostics` with its
         defaults: IoU 0.5, duplicates among scores >= 0.3, 20 calibration bins; ``crowd`` = AP50, mMR and recall
         of the CrowdHuman protocol, :func:`e2edet.engine.crowd_metrics.crowd_metrics`, class-aware on multi-class
@@ -246,6 +269,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     plain, with_nms = CocoEvaluator(coco_gt, label_to_cat_id), CocoEvaluator(coco_gt, label_to_cat_id)
+    masks: dict[str, CocoEvaluator] = {}  # "no_nms"/"nms" mask evaluators, once the post-processor gives masks
     start = time.perf_counter()
     try:
         for images, targets in tqdm(loader, desc="eval", disable=not (progress and is_main_process()),
@@ -254,12 +278,24 @@ def evaluate(
             outputs = model(images.to(device, non_blocking=True), sizes)
             orig = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).to(device)
             ids = [int(t["image_id"]) for t in targets]
-            plain.update(ids, postprocessor(outputs, sizes, orig, nms_iou=None))
-            with_nms.update(ids, postprocessor(outputs, sizes, orig, nms_iou=nms_iou))
+            for column, evaluator, iou in (("no_nms", plain, None), ("nms", with_nms, nms_iou)):
+                detections = postprocessor(outputs, sizes, orig, nms_iou=iou)
+                evaluator.update(ids, detections)
+                if detections and "masks" in detections[0]:
+                    if column not in masks:
+                        masks[column] = CocoEvaluator(evaluator.coco_gt, label_to_cat_id, iou_type="segm")
+                    masks[column].update(ids, detections)
     finally:
         model.train(was_training)
     results: dict[str, Any] = {"no_nms": plain.summarize(), "nms": with_nms.summarize(), "nms_iou": nms_iou,
                                "num_images": len(plain.image_ids), "seconds": time.perf_counter() - start}
+    if is_dist() and get_world_size() > 1:  # every rank takes part in the mask collectives, or none does
+        gathered: list[bool] = [False] * get_world_size()
+        dist.all_gather_object(gathered, bool(masks))
+        if any(gathered) and not masks:  # this rank saw no image: empty evaluators for the collectives
+            masks = {c: CocoEvaluator(plain.coco_gt, label_to_cat_id, iou_type="segm") for c in ("no_nms", "nms")}
+    if masks:
+        results["segm"] = {column: masks[column].summarize() for column in ("no_nms", "nms")}
     # summarize() synchronised both evaluators (collective), so every rank holds all detections here
     results["per_class"] = {"no_nms": per_class_ap(plain.pr_curves()), "nms": per_class_ap(with_nms.pr_curves())}
     results["diagnostics"] = {"no_nms": diagnostics(plain.coco_gt, plain.detections()),
@@ -282,7 +318,8 @@ def evaluate(
 def format_results_table(results: Mapping[str, Any], per_class: bool = True) -> str:
     """Text table of :func:`evaluate` results, columns "no NMS" and "NMS <iou>".
 
-    Rows AP ... AR100, then "dup%" (duplicate rate, percent) and "ECE" (percent) from ``results["diagnostics"]``,
+    Rows AP ... AR100 (boxes), then ``maskAP`` ... ``maskAPl`` when the results hold mask metrics (``segm``), then
+    "dup%" (duplicate rate, percent) and "ECE" (percent) from ``results["diagnostics"]``,
     and "mMR" / "recall" (CrowdHuman protocol, percent) from ``results["crowd"]``; a missing value shows as "-".
     With ``per_class`` and more than one class in ``results["per_class"]``, :func:`format_per_class_table`
     follows after a blank line.
@@ -330,6 +367,14 @@ def _main_table(results: Mapping[str, Any]) -> str:
             value = (results.get(column) or {}).get(row)
             cells.append("-" if value is None or value < 0 else f"{value:.1f}")
         lines.append(f"{row:<8}{cells[0]:>10}{cells[1]:>10}")
+    segm = results.get("segm") or {}
+    if segm:
+        for row in MASK_TABLE_ROWS:
+            cells = []
+            for column in ("no_nms", "nms"):
+                value = (segm.get(column) or {}).get(row)
+                cells.append("-" if value is None or value < 0 else f"{value:.1f}")
+            lines.append(f"{'mask' + row:<8}{cells[0]:>10}{cells[1]:>10}")
     for section, rows in (("diagnostics", DIAGNOSTIC_ROWS), ("crowd", CROWD_ROWS)):
         block = results.get(section) or {}
         for row, key in rows.items():

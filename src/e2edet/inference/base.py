@@ -14,6 +14,7 @@ from PIL import Image
 
 from e2edet.data.coco import read_image
 from e2edet.data.errors import DatasetError, dataset_error
+from e2edet.engine.coco_utils import encode_masks
 from e2edet.inference.inputs import ImageInput, Preprocessing, as_images
 from e2edet.inference.outputs import (
     DEFAULT_SCORE,
@@ -114,8 +115,11 @@ class BasePredictor(ABC):
                 for file, reason in self.skipped:
                     warn(file, reason)
             det = self([image])[0]
-            if coco_json:
-                full.append((path, int(image.shape[1]), int(image.shape[2]), det))
+            if coco_json:  # masks kept as RLE: full-size boolean masks of every image would fill the memory
+                stored = {k: v for k, v in det.items() if k != "masks"}
+                if "masks" in det:
+                    stored["rles"] = encode_masks(det["masks"])
+                full.append((path, int(image.shape[1]), int(image.shape[2]), stored))
             keep = det["scores"] >= (self.default_score if score_thresh is None else score_thresh)
             det = {k: v[keep] for k, v in det.items()}
             records.append({

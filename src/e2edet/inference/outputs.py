@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from e2edet.data.errors import dataset_error
+from e2edet.engine.coco_utils import encode_masks
 from e2edet.utils import error_text
 
 #: Score threshold of pictures and ``detections.json`` when the run stores no F1-optimal one.
@@ -22,7 +23,9 @@ def draw_detections(
 ) -> torch.Tensor:
     """Draw boxes with ``label score`` captions on ``image`` (``uint8 [3, H, W]``); returns a new uint8 image.
 
-    ``det`` holds ``boxes [k, 4]`` xyxy pixels of ``image``, ``scores [k]`` and ``labels [k]`` (contiguous).
+    ``det`` holds ``boxes [k, 4]`` xyxy pixels of ``image``, ``scores [k]`` and ``labels [k]`` (contiguous), and for
+    instance-segmentation models ``masks`` ``bool [k, H, W]``: each mask is filled in a colour of its own (alpha 0.45,
+    ``torchvision.utils.draw_segmentation_masks``) under its box, so that touching instances stay apart.
     """
     keep = det["scores"] >= score_thresh
     boxes, scores, labels = det["boxes"][keep].cpu(), det["scores"][keep].cpu(), det["labels"][keep].cpu()
@@ -33,6 +36,11 @@ def draw_detections(
     captions = [f"{n} {s:.2f}" for n, s in zip(names, scores)]
     colors = [palette[int(c) % len(palette)] for c in labels]
     width = max(1, round(max(image.shape[1:]) / 400))
+    if "masks" in det:
+        masks = det["masks"][keep].cpu().bool()
+        instance_colors = [palette[i % len(palette)] for i in range(len(masks))]
+        image = draw_segmentation_masks(image, masks, alpha=0.45, colors=instance_colors)
+        colors = instance_colors
     # captions in white on a box-coloured background, readable on any image
     return draw_bounding_boxes(image, boxes, labels=captions, colors=colors, width=width, label_colors="white",
                                fill_labels=True)
@@ -77,7 +85,8 @@ def coco_results(
 
     Args:
         images: per image ``(file, height, width, det)`` with ``det`` a predictor result (``boxes [k, 4]`` xyxy
-            pixels of the original image, ``scores [k]``, ``labels [k]`` contiguous).
+            pixels of the original image, ``scores [k]``, ``labels [k]`` contiguous; with ``masks [k, H, W]``, or
+            their COCO RLEs as ``rles`` (a list), each result also holds its ``segmentation`` RLE).
         class_names: the model's classes (label order).
         coco_ann: a COCO dataset JSON the images come from: image ids are taken from it (an image is found by its
             file name, and by the trailing path when two share a name) and labels become its category ids
@@ -116,9 +125,13 @@ def coco_results(
                 raise dataset_error(coco_ann, f"image id {entry['id']} ({entry['file_name']})",
                                     f"is {entry.get('width')}x{entry.get('height')} but {file} is {width}x{height}")
             image_id = int(entry["id"])
-        for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+        rles = det.get("rles") or (encode_masks(det["masks"]) if "masks" in det else None)
+        for i, (box, score, label) in enumerate(zip(det["boxes"].tolist(), det["scores"].tolist(),
+                                                    det["labels"].tolist())):
             x1, y1, x2, y2 = box
             results.append({"image_id": image_id, "category_id": category_ids[int(label)],
                             "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                             "score": round(score, 5)})
+            if rles is not None:
+                results[-1]["segmentation"] = rles[i]
     return results, skeleton

@@ -166,12 +166,19 @@ class DenseCriterion(nn.Module):
         self.aux_assigner = AuxAssigner(alpha=poto_alpha, topk=aux_topk) if aux else None
 
     def assign(self, outputs: dict, targets: list[dict], score_prob: Tensor | None = None, epoch: int = 0,
-               max_epoch: int = 1) -> DenseAssignment:
+               max_epoch: int = 1, centers: list[Tensor] | None = None) -> DenseAssignment:
         """Run the main assigner on detached predictions; see :meth:`forward` for the arguments.
 
         ``score_prob`` (``[B, R, K]``, the one-to-one score: ``sigmoid(cls)``, times ``sigmoid(filter)`` or
-        ``sigmoid(ctr)``) is computed from ``outputs`` when not given; it is detached here.
+        ``sigmoid(ctr)``) is computed from ``outputs`` when not given; it is detached here. ``centers``: per image
+        ``[G, 2]`` centers of the GTs' priors (mask centroids, O2F only; None = box centers).
+
+        Raises:
+            ValueError: ``centers`` with an assigner other than O2F.
         """
+        if centers is not None and self.assigner_name != "o2f":
+            raise ValueError(f"prior centers (mask centroids) are implemented for the O2F assigner, not "
+                             f"{self.assigner_name!r}")
         name, k = self.assigner_name, self.num_classes
         if name == "fcos":
             return self.assigner(outputs["points"], outputs["strides"], outputs["levels"], targets, k)
@@ -191,7 +198,7 @@ class DenseCriterion(nn.Module):
         args = (score_prob.detach(), outputs["pred_boxes"].detach(), outputs["points"], outputs["strides"], targets,
                 self.num_classes)
         if self.assigner_name == "o2f":
-            return self.assigner(*args, epoch=epoch, max_epoch=max_epoch)
+            return self.assigner(*args, epoch=epoch, max_epoch=max_epoch, centers=centers)
         return self.assigner(*args)
 
     def _score_prob(self, cls_prob: Tensor, outputs: dict) -> Tensor:
@@ -206,8 +213,17 @@ class DenseCriterion(nn.Module):
     def _focal(self, logits: Tensor, target: Tensor) -> Tensor:
         return sigmoid_focal_loss(logits, target, self.focal_alpha, self.focal_gamma, reduction="sum")
 
+    def _giou(self, outputs: dict, pos: Tensor, box_target: Tensor) -> Tensor:
+        """GIoU loss ``[P]`` of the positive points' decoded boxes against their GT boxes (xyxy pixels)."""
+        return generalized_box_iou_loss(outputs["pred_boxes"][pos].float(), box_target, reduction="none")
+
     def forward(self, outputs: dict, targets: list[dict], epoch: int = 0, max_epoch: int = 1) -> dict[str, Tensor]:
-        """Compute the losses of one batch.
+        """Compute the losses of one batch (:meth:`losses_and_assignment` without the assignment)."""
+        return self.losses_and_assignment(outputs, targets, epoch, max_epoch)[0]
+
+    def losses_and_assignment(self, outputs: dict, targets: list[dict], epoch: int = 0, max_epoch: int = 1,
+                              centers: list[Tensor] | None = None) -> tuple[dict[str, Tensor], DenseAssignment]:
+        """Compute the losses of one batch, and return the main assignment they used.
 
         Args:
             outputs: model output dict (``docs/architecture.md``): ``pred_logits [B, R, K]``, ``pred_boxes
@@ -218,11 +234,12 @@ class DenseCriterion(nn.Module):
             targets: B dicts with ``boxes float32 [G, 4]`` xyxy pixels and ``labels int64 [G]`` (``G = 0`` allowed).
             epoch, max_epoch: 0-based epoch and number of epochs of the run (the trainer passes them every step,
                 also for iteration-based schedules), for O2F's ``t(e)``; unused by FCOS/POTO/Aux.
+            centers: optional per image ``[G, 2]`` prior centers (O2F; see :meth:`assign`).
         Returns:
-            ``loss_cls``, ``loss_box`` (+ ``loss_ctr`` for FCOS/ATSS with ``centerness``, ``loss_cls_aux`` with
-            ``aux``): weighted float32
-            scalars to sum; ``num_pos``, ``num_gt``, ``num_fg_per_gt`` (+ ``num_pos_aux``; + ``num_soft`` and
-            ``soft_t`` for O2F): detached float32 statistics of this process's batch.
+            ``(losses, assignment)``. ``losses``: ``loss_cls``, ``loss_box`` (+ ``loss_ctr`` for FCOS/ATSS with
+            ``centerness``, ``loss_cls_aux`` with ``aux``): weighted float32 scalars to sum; ``num_pos``, ``num_gt``,
+            ``num_fg_per_gt`` (+ ``num_pos_aux``; + ``num_soft`` and ``soft_t`` for O2F): detached float32
+            statistics of this process's batch. ``assignment``: the :class:`DenseAssignment` of the main assigner.
         Raises:
             KeyError: if a required output key is missing; ValueError: if ``pred_logits`` has not ``K`` classes.
         """
@@ -232,7 +249,7 @@ class DenseCriterion(nn.Module):
             raise ValueError(f"pred_logits has {logits.shape[-1]} classes, criterion expects {self.num_classes}")
         cls_prob = logits.float().sigmoid()  # shared by the loss, POTO and the aux assigner
         score_prob = self._score_prob(cls_prob, outputs)
-        assignment = self.assign(outputs, targets, score_prob, epoch, max_epoch)
+        assignment = self.assign(outputs, targets, score_prob, epoch, max_epoch, centers)
         pos = assignment.pos_mask
         num_pos = pos.sum()
         normaliser = reduce_mean(num_pos).clamp(min=1.0)
@@ -248,7 +265,7 @@ class DenseCriterion(nn.Module):
         losses = {"loss_cls": loss_cls / normaliser}
 
         box_target = assignment.box_targets[pos]
-        giou = generalized_box_iou_loss(pred_boxes[pos].float(), box_target, reduction="none")
+        giou = self._giou(outputs, pos, box_target)
         one_to_many = self.assigner_name in ONE_TO_MANY
         if self.assigner_name == "o2f" or (one_to_many and self.centerness):
             points = outputs["points"].float().unsqueeze(0).expand(pos.shape[0], -1, -1)[pos]
@@ -290,4 +307,4 @@ class DenseCriterion(nn.Module):
             loss_aux = self._focal(logits, aux.one_hot(self.num_classes))
             losses["loss_cls_aux"] = self.aux_weight * loss_aux / aux_normaliser
             stats["num_pos_aux"] = aux.num_pos.detach().float()
-        return {**losses, **stats}
+        return {**losses, **stats}, assignment

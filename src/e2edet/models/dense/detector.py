@@ -11,7 +11,9 @@ from torch import nn
 
 from e2edet.models.backbone import build_backbone
 from e2edet.ops.boxes import decode_ltrb, delta_xywh_decode, square_boxes
+from e2edet.ops.dynamic_mask import num_dynamic_params
 from e2edet.models.dense.head import DenseHead
+from e2edet.models.dense.mask_branch import MaskBranch
 from e2edet.models.dense.points import anchor_points
 from e2edet.models.fpn import FPN
 from e2edet.models.inputs import check_inputs
@@ -45,6 +47,10 @@ class DenseDetector(nn.Module):
             32, 64, 128, 256, 512 on P3..P7 (aspect ratio 1, offset 0.5: centred on the anchor points).
         freeze_at: backbone stages to freeze (cvpods ``FREEZE_AT``).
         norm: backbone norm (``None`` = FrozenBN when pretrained, BN otherwise).
+        masks: the CondInst instance-mask head of O2F's segmentation variant (``specs/dense.md`` §3.10): a
+            ``controller`` on the reg tower (169 dynamic parameters per point for ``mask_bases`` = 8) and a
+            :class:`~e2edet.models.dense.mask_branch.MaskBranch` on P3-P5 (width ``mask_channels``, ``mask_convs``
+            tower convs, ``mask_bases`` bases, semantic head over the ``num_classes`` classes).
         channels_last: keep the 4D weights in NHWC (``torch.channels_last``) memory layout and convert the input to
             it: the same function, faster convolutions on CPU (oneDNN); the layout survives ``load_state_dict``,
             ``.to(device)`` and the optimizer's state.
@@ -70,6 +76,10 @@ class DenseDetector(nn.Module):
         ctr_channels: int = 64,
         box_coder: str = "ltrb",
         anchor_size: float = 4.0,
+        masks: bool = False,
+        mask_channels: int = 128,
+        mask_convs: int = 4,
+        mask_bases: int = 8,
         channels_last: bool = False,
     ):
         super().__init__()
@@ -89,9 +99,12 @@ class DenseDetector(nn.Module):
             ctr_convs=ctr_convs,
             ctr_channels=ctr_channels,
             box_coder=box_coder,
+            mask_params=num_dynamic_params(mask_bases) if masks else 0,
         )
         self.box_coder = box_coder
         self.anchor_size = float(anchor_size)
+        self.mask_branch = MaskBranch(fpn_channels, mask_channels, mask_convs, mask_bases, num_levels=3,
+                                      num_classes=num_classes) if masks else None
         self._point_cache: dict[tuple, tuple] = {}
         self.channels_last = bool(channels_last)
         if self.channels_last:
@@ -126,7 +139,10 @@ class DenseDetector(nn.Module):
             ``anchors`` ``[R, 4]`` xyxy pixels (``"anchor_deltas"``); ``pred_ctr`` ``[B, R]`` logits (only with
             ``centerness``); ``pred_filter`` ``[B, R]`` logits (only with ``max_filter``); ``points`` ``[R, 2]``
             (x, y) pixels; ``strides`` ``[R]`` float; ``levels`` ``[R]`` int64 (0 = P3); ``num_points_per_level``
-            ``list[int]``.
+            ``list[int]``. With ``masks``: ``pred_mask_params`` ``[B, R, P]`` (dynamic mask-head parameters per
+            point, P = 169), ``mask_feats`` ``[B, num_bases, H/8, W/8]`` (mask bases), ``mask_feat_stride`` ``int``
+            (8) and, in training mode only, ``pred_semantic`` ``[B, K, H/8, W/8]`` logits of the auxiliary semantic
+            loss.
 
         Raises:
             ValueError: ``images`` is not ``[B, 3, H, W]`` with ``H``/``W`` multiples of 32, or bad ``image_sizes``
@@ -152,6 +168,12 @@ class DenseDetector(nn.Module):
         if "filter" in head_out:
             out["pred_filter"] = flatten_levels(head_out["filter"]).squeeze(-1)
         out.update(points=points, strides=strides, levels=levels, num_points_per_level=list(counts))
+        if self.mask_branch is not None:
+            mask_feats, semantic = self.mask_branch(features)
+            out.update(pred_mask_params=flatten_levels(head_out["mask_params"]), mask_feats=mask_feats,
+                       mask_feat_stride=self.strides[0])
+            if semantic is not None:
+                out["pred_semantic"] = semantic
         return out
 
     def anchor_boxes(self, points: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,8 @@ class DenseHead(nn.Module):
     optional ``centerness`` 3x3 conv -> 1 on the **reg** tower (FCOS imprv), optionally preceded by ``ctr_convs`` x
     [3x3 conv, GN, ReLU] of ``ctr_channels`` (O2F: 3 x 64, the "lightweight convs before the centerness map");
     optional 3DMF (``MaxFiltering3D`` on the reg tower outputs of all levels) followed by the ``filter`` 3x3 conv -> 1
-    (DeFCN).
+    (DeFCN); optional ``controller`` 3x3 conv -> ``mask_params`` on the **reg** tower (CondInst: the 169 parameters
+    of each point's dynamic mask head, official ``condinst_head.py`` ``self.controller``).
 
     Init: every conv N(0, 0.01) with bias 0 (3DMF conv included), GN weight 1 bias 0, ``cls_score`` bias
     ``-log((1 - prior_prob) / prior_prob)`` (= -4.595 for 0.01), ``Scale`` 1.0.
@@ -64,6 +65,7 @@ class DenseHead(nn.Module):
         strides: stride of each level in pixels.
         filter_kernel_size, filter_tau: 3DMF spatial kernel and scale extent (3 and 2).
         box_coder: ``"ltrb"`` or ``"anchor_deltas"`` (:data:`BOX_CODERS`).
+        mask_params: output channels of the CondInst controller (0 = no controller).
 
     Raises:
         ValueError: when ``len(strides) != num_levels`` or for an unknown ``box_coder``.
@@ -85,6 +87,7 @@ class DenseHead(nn.Module):
         ctr_convs: int = 0,
         ctr_channels: int = 64,
         box_coder: str = "ltrb",
+        mask_params: int = 0,
     ):
         super().__init__()
         if len(strides) != num_levels:
@@ -109,6 +112,7 @@ class DenseHead(nn.Module):
             self.filter = nn.Conv2d(in_channels, 1, 3, padding=1)
         else:
             self.max3d, self.filter = None, None
+        self.controller = nn.Conv2d(in_channels, mask_params, 3, padding=1) if mask_params > 0 else None
         init_head_modules(list(self.children()))
         nn.init.constant_(self.cls_score.bias, -math.log((1.0 - prior_prob) / prior_prob))
 
@@ -122,7 +126,8 @@ class DenseHead(nn.Module):
             dict of per-level lists: ``cls_logits`` ``[B, K, H_l, W_l]``; ``bbox_ltrb`` ``[B, 4, H_l, W_l]``
             (l, t, r, b) pixels >= 0 (``box_coder="ltrb"``) or ``bbox_deltas`` ``[B, 4, H_l, W_l]`` (dx, dy, dw, dh)
             (``"anchor_deltas"``), always float32; ``centerness`` ``[B, 1, H_l, W_l]`` logits (only with
-            ``centerness``); ``filter`` ``[B, 1, H_l, W_l]`` logits (only with ``max_filter``).
+            ``centerness``); ``filter`` ``[B, 1, H_l, W_l]`` logits (only with ``max_filter``); ``mask_params``
+            ``[B, P, H_l, W_l]`` (only with a controller).
 
         Raises:
             ValueError: when the number of levels differs from ``num_levels``.
@@ -133,6 +138,8 @@ class DenseHead(nn.Module):
         out: dict[str, list[torch.Tensor]] = {"cls_logits": [], box_key: []}
         if self.centerness is not None:
             out["centerness"] = []
+        if self.controller is not None:
+            out["mask_params"] = []
         reg_features = []
         for level, x in enumerate(features):
             cls_x = self.cls_tower(x)
@@ -146,6 +153,8 @@ class DenseHead(nn.Module):
             if self.centerness is not None:
                 ctr_x = self.ctr_tower(reg_x) if self.ctr_tower is not None else reg_x
                 out["centerness"].append(self.centerness(ctr_x))
+            if self.controller is not None:
+                out["mask_params"].append(self.controller(reg_x))
             reg_features.append(reg_x)
         if self.max3d is not None:
             out["filter"] = [self.filter(y) for y in self.max3d(reg_features)]
