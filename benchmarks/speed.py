@@ -55,7 +55,8 @@ from e2edet.inference import OnnxPredictor, Predictor
 from e2edet.recipes import get_recipe
 from timing import timed_pairs  # benchmarks/timing.py (the script's folder is on sys.path)
 
-DENSE = ["fcos_mnv2_cpu", "poto_mnv2_cpu", "poto_argmax_mnv2_cpu", "poto_3dmf_mnv2_cpu", "defcn_mnv2_cpu",
+DENSE = ["fcos_mnv2_cpu", "fcos_wo_ctrness_mnv2_cpu", "atss_mnv2_cpu", "anchor_mnv2_cpu", "center_mnv2_cpu",
+         "fg_loss_mnv2_cpu", "poto_mnv2_cpu", "poto_argmax_mnv2_cpu", "poto_3dmf_mnv2_cpu", "defcn_mnv2_cpu",
          "o2f_mnv2_cpu"]
 
 
