@@ -8,14 +8,12 @@ Source: ``specs/dense.md`` §2.3 "One-to-one baselines"; DeFCN
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from e2edet.assign.base import DenseAssignment, assignment_from_gt_index
 from e2edet.assign.fcos import DEFAULT_SCALE_RANGES
-from e2edet.assign.prior import nearest_points_per_level, pairwise_ltrb
+from e2edet.assign.prior import nearest_points_per_level, pairwise_ltrb, smallest_area_gt
 
 
 class CenterAssigner:
@@ -85,8 +83,5 @@ class CenterAssigner:
             centers = (boxes[:, :2] + boxes[:, 2:]) / 2
             cand = nearest_points_per_level(centers, points, num_points_per_level, self.topk)
             is_cand = torch.zeros_like(in_range).scatter_(1, cand, True)
-            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-            area_mat = torch.where(is_cand & in_range, area[:, None], torch.full_like(max_dist, math.inf))
-            min_area, idx = area_mat.min(dim=0)  # first GT index among equal areas
-            gt_index[b] = torch.where(torch.isfinite(min_area), idx, -1)
+            gt_index[b] = smallest_area_gt(is_cand & in_range, boxes)  # first GT index among equal areas
         return assignment_from_gt_index(gt_index, targets, num_classes)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from e2edet.assign.base import DenseAssignment, assignment_from_gt_index
-from e2edet.assign.prior import center_prior, pairwise_ltrb
+from e2edet.assign.prior import center_prior, pairwise_ltrb, smallest_area_gt
 
 DEFAULT_SCALE_RANGES: tuple[tuple[float, float], ...] = (
     (-1.0, 64.0),
@@ -82,8 +82,5 @@ class FCOSAssigner:
             in_prior = center_prior(points, strides, boxes, self.center_radius)  # [G, R]
             max_dist = pairwise_ltrb(points, boxes).amax(dim=-1)  # [G, R]
             ok = in_prior & (max_dist >= lo[None]) & (max_dist <= hi[None])
-            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [G]
-            area_mat = torch.where(ok, area[:, None], torch.full_like(max_dist, math.inf))
-            min_area, idx = area_mat.min(dim=0)  # [R]
-            gt_index[b] = torch.where(torch.isfinite(min_area), idx, -1)
+            gt_index[b] = smallest_area_gt(ok, boxes)
         return assignment_from_gt_index(gt_index, targets, num_classes)

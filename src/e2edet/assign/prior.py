@@ -7,6 +7,8 @@ codebase": ``center_prior``, ``quality``). All boxes are xyxy in pixels of the n
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
@@ -200,3 +202,13 @@ def mean_std_positives(values: Tensor, candidates: Tensor) -> Tensor:
     thr = cand_values.mean(dim=1, keepdim=True) + std
     is_cand = torch.zeros_like(values, dtype=torch.bool).scatter_(1, candidates, True)
     return is_cand & (values >= thr)
+
+
+def smallest_area_gt(allowed: Tensor, boxes: Tensor) -> Tensor:
+    """Per point, the GT of smallest area among those ``allowed`` there (the FCOS ambiguity rule, cvpods
+    ``FCOS.get_ground_truth``; DeFCN's Center baseline reuses it): ``allowed`` bool ``[G, R]``, ``boxes`` xyxy
+    ``[G, 4]`` -> ``int64 [R]`` GT index, ``-1`` where no GT is allowed; equal areas go to the first GT."""
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    area_mat = torch.where(allowed, area[:, None], torch.full(allowed.shape, math.inf, device=boxes.device))
+    min_area, idx = area_mat.min(dim=0)
+    return torch.where(torch.isfinite(min_area), idx, -1)

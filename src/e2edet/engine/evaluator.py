@@ -357,32 +357,26 @@ def format_per_class_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _row(label: str, block: Mapping[str, Any], key: str, negative_is_missing: bool) -> str:
+    """One table row: ``label``, then ``block[column][key]`` for the no-NMS and NMS columns ("-" when missing)."""
+    cells = []
+    for column in ("no_nms", "nms"):
+        value = (block.get(column) or {}).get(key)
+        missing = value is None or (negative_is_missing and value < 0)  # COCO writes -1 for an empty area range
+        cells.append("-" if missing else f"{value:.1f}")
+    return f"{label:<8}{cells[0]:>10}{cells[1]:>10}"
+
+
 def _main_table(results: Mapping[str, Any]) -> str:
     """The metric rows of :func:`format_results_table`."""
     nms_name = f"NMS {results.get('nms_iou', 0.6):g}"
     lines = [f"{'metric':<8}{'no NMS':>10}{nms_name:>10}"]
-    for row in TABLE_ROWS:
-        cells = []
-        for column in ("no_nms", "nms"):
-            value = (results.get(column) or {}).get(row)
-            cells.append("-" if value is None or value < 0 else f"{value:.1f}")
-        lines.append(f"{row:<8}{cells[0]:>10}{cells[1]:>10}")
+    lines += [_row(row, results, row, True) for row in TABLE_ROWS]
     segm = results.get("segm") or {}
     if segm:
-        for row in MASK_TABLE_ROWS:
-            cells = []
-            for column in ("no_nms", "nms"):
-                value = (segm.get(column) or {}).get(row)
-                cells.append("-" if value is None or value < 0 else f"{value:.1f}")
-            lines.append(f"{'mask' + row:<8}{cells[0]:>10}{cells[1]:>10}")
+        lines += [_row("mask" + row, segm, row, True) for row in MASK_TABLE_ROWS]
     for section, rows in (("diagnostics", DIAGNOSTIC_ROWS), ("crowd", CROWD_ROWS)):
-        block = results.get(section) or {}
-        for row, key in rows.items():
-            cells = []
-            for column in ("no_nms", "nms"):
-                value = (block.get(column) or {}).get(key)
-                cells.append("-" if value is None else f"{value:.1f}")
-            lines.append(f"{row:<8}{cells[0]:>10}{cells[1]:>10}")
+        lines += [_row(row, results.get(section) or {}, key, False) for row, key in rows.items()]
     return "\n".join(lines)
 
 
