@@ -255,7 +255,6 @@ def main() -> None:
         else:
             print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.4f} | {r[4]:.4f} | {r[5]:.2f} |")
     if args.detr:
-        sys.path.insert(0, str(Path(__file__).parent))
         from deformable_detr_vs_transformers import main as detr_main
 
         sys.argv = [sys.argv[0], "--iters", str(args.detr_iters), "--threads", str(args.threads)]
