@@ -90,7 +90,9 @@ class TestConfig(Section):
 class TrainConfig(Section):
     """Optimisation and trainer settings; see :class:`e2edet.engine.trainer.Trainer`.
 
-    ``batch_size`` is per process (the published COCO recipes use 2 per GPU on 8 GPUs). ``max_iters`` > 0 overrides
+    ``batch_size`` is per process (the published COCO recipes use 2 per GPU on 8 GPUs). ``bias_lr_mult`` and
+    ``bias_decay_mult`` scale the lr and weight decay of the biases of non-norm layers (mmcv's ``paramwise_cfg``;
+    :func:`e2edet.engine.optim.build_optimizer`). ``max_iters`` > 0 overrides
     ``epochs``; ``steps`` are fractions of the total iterations where the lr is multiplied by ``gamma``. ``amp``
     enables bf16 autocast on CUDA only. ``checkpoint_period`` writes ``checkpoints/last`` every that many epochs,
     ``checkpoint_every`` also every that many iterations (0 = only at epoch ends).
@@ -116,6 +118,8 @@ class TrainConfig(Section):
     momentum: Float = Field(0.9, ge=0, lt=1)
     weight_decay: Float = Field(1e-4, ge=0)
     weight_decay_norm: Float = Field(0.0, ge=0)
+    bias_lr_mult: Float = Field(1.0, ge=0)
+    bias_decay_mult: Float = Field(1.0, ge=0)
     schedule: Literal["multistep", "cosine"] = "multistep"
     steps: tuple[Annotated[Float, Field(gt=0, lt=1)], ...] = (0.667, 0.889)
     gamma: Float = Field(0.1, gt=0)

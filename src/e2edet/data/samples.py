@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from e2edet.data.convert import save_coco_json
-from e2edet.data.errors import DatasetError, RegistryError, dataset_error
+from e2edet.data.errors import RegistryError, dataset_error
 from e2edet.data.tiles import boxes_in_tile, tile_windows
 from e2edet.data.voc import parse_voc_xml, voc_box_to_xyxy
 from e2edet.utils.io import atomic_write_bytes

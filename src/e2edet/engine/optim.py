@@ -73,15 +73,22 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
             ``weight_decay`` and ``weight_decay_norm`` (applied to parameters owned by normalisation layers:
             BatchNorm, GroupNorm, LayerNorm, InstanceNorm; frozen BatchNorm has no parameters; and to Swin's
             position tables, :data:`NO_DECAY_NAMES`, as the Swin detection configs do: ``specs/dense.md`` 3.6).
+            Optional ``bias_lr_mult`` / ``bias_decay_mult`` (default 1) follow mmcv's ``DefaultOptimizerConstructor``
+            ``paramwise_cfg`` (used by the O2F CondInst configs, ``specs/dense.md`` 3.10): every parameter named
+            ``bias`` of a module that is not a normalisation layer trains with ``lr * bias_lr_mult`` (times its
+            ``lr_multipliers`` entry), and with ``weight_decay * bias_decay_mult`` unless the module is a depthwise
+            convolution (``groups == in_channels``), whose bias keeps ``weight_decay`` as in mmcv (mmcv also leaves
+            deformable-convolution offsets out; no dense model here has them).
     Returns:
-        The optimizer. Without ``lr_multipliers``: up to two parameter groups named ``"default"`` and ``"norm"``
-        (key ``"name"``). With them: one group per (weight-decay kind, multiplier) pair that has parameters, each
+        The optimizer. Without ``lr_multipliers`` and bias multipliers: up to two parameter groups named
+        ``"default"`` and ``"norm"`` (key ``"name"``). With them: one group per (weight-decay kind, multiplier) pair
+        that has parameters (kinds ``"default"``, ``"norm"`` and, with ``bias_decay_mult != 1``, ``"bias"``), each
         with its own ``lr`` and ``lr_mult``, named ``"default"``/``"norm"`` for multiplier 1 (listed first) and
         ``"default_x0.1"``, ``"norm_x0.1"``, ... otherwise; :class:`LambdaLR` then scales every group's own base
         lr, and :func:`base_lr` reads back the lr of multiplier 1.
     Raises:
         ValueError: unknown optimizer name, a model without trainable parameters, or a non-numeric or negative
-            multiplier / invalid regex in ``lr_multipliers``.
+            multiplier / invalid regex in ``lr_multipliers``, or a negative ``bias_lr_mult`` / ``bias_decay_mult``.
     """
     raw = getattr(model, "lr_multipliers", None) or {}
     patterns: list[tuple[re.Pattern, float]] = []
@@ -93,6 +100,11 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
         if not value >= 0.0:
             raise ValueError(f"build_optimizer: lr_multipliers[{regex!r}] = {mult!r} must be >= 0")
         patterns.append((pattern, value))
+    bias_lr = float(getattr(cfg, "bias_lr_mult", 1.0))
+    bias_decay = float(getattr(cfg, "bias_decay_mult", 1.0))
+    if not (bias_lr >= 0.0 and bias_decay >= 0.0):
+        raise ValueError(f"build_optimizer: bias_lr_mult {bias_lr} and bias_decay_mult {bias_decay} must be >= 0")
+    per_group_lr = bool(patterns) or bias_lr != 1.0
     names: dict[int, str] = {}
     if patterns:
         for qualified, param in model.named_parameters():  # deduplicated: a shared parameter's first name
@@ -104,18 +116,26 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            kind = "norm" if _is_norm(module) or pname in NO_DECAY_NAMES else "default"
+            is_norm = _is_norm(module)
+            kind = "norm" if is_norm or pname in NO_DECAY_NAMES else "default"
             mult = _lr_multiplier(names[id(param)], patterns) if patterns else 1.0
+            if pname == "bias" and not is_norm:  # mmcv paramwise_cfg: bias_lr_mult, then bias_decay_mult
+                mult *= bias_lr
+                depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels  # mmcv's test
+                if bias_decay != 1.0 and not depthwise:
+                    kind = "bias"
             buckets.setdefault((kind, mult), []).append(param)
     if not seen:
         raise ValueError("build_optimizer: the model has no trainable parameters (all requires_grad=False)")
-    decay = {"default": float(cfg.weight_decay), "norm": float(cfg.weight_decay_norm)}
-    if not patterns:  # the plain groups, exactly as before multipliers existed
+    decay = {"default": float(cfg.weight_decay), "norm": float(cfg.weight_decay_norm),
+             "bias": float(cfg.weight_decay) * bias_decay}
+    if not per_group_lr:  # the plain groups, exactly as before multipliers existed
         groups = [{"params": params, "weight_decay": decay[kind], "name": kind}
                   for (kind, _), params in buckets.items() if params]
-    else:  # multiplier 1 first (see base_lr), then the others in order of first appearance, default before norm
+    else:  # multiplier 1 first (see base_lr), then the others in order of first appearance; default, norm, bias
         mults = list(dict.fromkeys(mult for _, mult in buckets))  # 1.0 first (seeded above)
-        order = sorted(buckets, key=lambda key: (mults.index(key[1]), key[0] != "default"))
+        kinds = ("default", "norm", "bias")
+        order = sorted(buckets, key=lambda key: (mults.index(key[1]), kinds.index(key[0])))
         groups = [{"params": buckets[kind, mult], "weight_decay": decay[kind], "name": _group_name(kind, mult),
                    "lr": float(cfg.lr) * mult, "lr_mult": mult}
                   for kind, mult in order if buckets[kind, mult]]
