@@ -40,6 +40,21 @@ def test_rows_use_each_recipes_own_post_processing(tmp_path):
         row_from_run("missing", tmp_path / "missing")
 
 
+def test_mask_ap_columns_appear_only_for_segmentation_runs(tmp_path):
+    _summary(tmp_path / "det", 30.0)
+    _summary(tmp_path / "seg", 20.0)
+    summary = json.loads((tmp_path / "seg" / "summary.json").read_text())
+    summary["eval"]["segm"] = {"no_nms": {"AP": 18.5}, "nms": {"AP": 19.25}}
+    (tmp_path / "seg" / "summary.json").write_text(json.dumps(summary))
+    det, seg = row_from_run("det", tmp_path / "det"), row_from_run("seg", tmp_path / "seg")
+    assert (seg["mask_ap_no_nms"], seg["mask_ap_nms"]) == (18.5, 19.25) and det["mask_ap_no_nms"] is None
+    assert "mask AP no NMS |" not in format_table([det]).splitlines()[0]
+    table = format_table([det, seg])
+    assert "| AP no NMS | AP NMS | mask AP no NMS | mask AP NMS | AP50 |" in table
+    assert "| seg | no NMS | 20.0 | 21.0 | 18.5 | 19.2 | 40.0 |" in table
+    assert "| det | no NMS | 30.0 | 31.0 | - | - | 50.0 |" in table
+
+
 def test_compare_reuses_finished_runs_and_writes_reports(tmp_path, capsys):
     _summary(tmp_path / "runs" / "defcn_mnv2_cpu", 35.0)
     assert main(["compare", "defcn_mnv2_cpu", "data=bccd", "iters=3", "--out", str(tmp_path), "--reuse"]) == 0

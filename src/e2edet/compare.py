@@ -36,13 +36,20 @@ COLUMNS = (
     ("peak MB", "peak_mem_mb", "{:.0f}"),
 )
 
+#: Columns added after "AP NMS" when a row has mask AP (instance-segmentation recipes, ``summary.json`` ``segm``).
+MASK_COLUMNS = (
+    ("mask AP no NMS", "mask_ap_no_nms", "{:.1f}"),
+    ("mask AP NMS", "mask_ap_nms", "{:.1f}"),
+)
+
 TABLE_NOTE = (
     "AP no NMS / AP NMS: COCO AP (%) of the same model outputs without NMS and with class-aware NMS. AP50, mMR "
     "(log-average miss rate over FPPI 1e-2..1e0, lower is better), recall and ECE (expected calibration error, 20 "
     "bins, TP at IoU 0.5) use the recipe's own post-processing (no NMS for end-to-end recipes, NMS for FCOS). dup% is "
     "the share of confident (score >= 0.3) raw detections that duplicate an already matched object (IoU >= 0.5). "
     "s/iter: median training seconds per iteration; peak MB: CUDA peak allocation, or peak RSS of the training "
-    "process on CPU (data-loader workers excluded)."
+    "process on CPU (data-loader workers excluded). mask AP (instance segmentation): COCO segm AP of the same "
+    "detections without / with NMS on their boxes."
 )
 
 
@@ -58,13 +65,15 @@ def row_from_run(recipe: str, run_dir: Path) -> dict[str, Any]:
     s = json.loads(path.read_text())
     ev = s.get("eval") or {}
     own = "nms" if s.get("nms_iou", 0) > 0 else "no_nms"
-    diag, crowd = ev.get("diagnostics") or {}, ev.get("crowd") or {}
+    diag, crowd, segm = ev.get("diagnostics") or {}, ev.get("crowd") or {}, ev.get("segm") or {}
     return {
         "recipe": recipe,
         "reliability": (diag.get(own) or {}).get("reliability"),
         "post": "NMS" if own == "nms" else "no NMS",
         "ap_no_nms": (ev.get("no_nms") or {}).get("AP"),
         "ap_nms": (ev.get("nms") or {}).get("AP"),
+        "mask_ap_no_nms": (segm.get("no_nms") or {}).get("AP"),
+        "mask_ap_nms": (segm.get("nms") or {}).get("AP"),
         "ap50": (ev.get(own) or {}).get("AP50"),
         "mmr": (crowd.get(own) or {}).get("mMR"),
         "recall": (crowd.get(own) or {}).get("recall"),
@@ -78,12 +87,16 @@ def row_from_run(recipe: str, run_dir: Path) -> dict[str, Any]:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of ``rows`` (missing values shown as ``-``), followed by :data:`TABLE_NOTE`."""
-    lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
+    """Markdown table of ``rows`` (missing values shown as ``-``), followed by :data:`TABLE_NOTE`; with
+    :data:`MASK_COLUMNS` after the box AP columns when any row has mask AP."""
+    columns = COLUMNS
+    if any(row.get(key) is not None for row in rows for _, key, _ in MASK_COLUMNS):
+        columns = (*COLUMNS[:4], *MASK_COLUMNS, *COLUMNS[4:])
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |",
+             "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
-        for _, key, fmt in COLUMNS:
+        for _, key, fmt in columns:
             value = row.get(key)
             cells.append("-" if value is None or (isinstance(value, float) and value < 0) else fmt.format(value))
         if row.get("error"):
