@@ -14,6 +14,7 @@ from e2edet.engine.diagnostics import best_f1, diagnostics
 from e2edet.engine.trainer import Trainer
 from e2edet.inference import DEFAULT_SCORE, Predictor
 from e2edet.recipes import get_recipe
+from e2edet.tasks import primary_metric
 from tests.conftest import TINY
 
 
@@ -66,6 +67,16 @@ def test_trainer_stores_the_threshold_of_the_primary_column():
     assert owner.config_dict["test"]["predict_score"] == 0.2
     Trainer._store_predict_score(owner, {"diagnostics": {"nms": {"f1_threshold": 0.0}}})  # nothing matched
     assert owner.config_dict["test"]["predict_score"] == 0.2
+    owner.best_metric = "segm.no_nms.AP"  # instance segmentation: judged by mask AP, thresholded like the boxes
+    Trainer._store_predict_score(owner, result)
+    assert owner.config_dict["test"]["predict_score"] == 0.4123
+
+
+def test_primary_metric_is_the_own_post_processing_and_mask_ap_for_masks():
+    assert primary_metric(get_recipe("fcos_mnv2_cpu")) == "nms.AP"
+    assert primary_metric(get_recipe("defcn_mnv2_cpu")) == "no_nms.AP"
+    assert primary_metric(get_recipe("o2f_condinst_mnv2_cpu")) == "segm.no_nms.AP"
+    assert primary_metric(get_recipe("sparse_rcnn_mnv2_cpu")) == "no_nms.AP"
 
 
 @pytest.mark.parametrize("stored, expected", [(0.0, DEFAULT_SCORE), (0.35, 0.35)])

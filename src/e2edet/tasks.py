@@ -31,9 +31,11 @@ from e2edet.utils.dist import broadcast_object, is_main_process
 def primary_metric(cfg: Config) -> str:
     """The metric that selects the best checkpoint: AP of the method's own post-processing.
 
-    End-to-end recipes (``test.nms_iou == 0``) are judged without NMS, one-to-many baselines (FCOS) with it.
+    End-to-end recipes (``test.nms_iou == 0``) are judged without NMS, one-to-many baselines (FCOS) with it;
+    instance-segmentation recipes (``model.masks``) by mask AP (``segm.no_nms.AP``), as the O2F CondInst table is.
     """
-    return "nms.AP" if cfg.test.nms_iou > 0 else "no_nms.AP"
+    column = "nms" if cfg.test.nms_iou > 0 else "no_nms"
+    return f"segm.{column}.AP" if getattr(cfg.model, "masks", False) else f"{column}.AP"
 
 
 def _report(results: dict, cfg: Config, title: str) -> None:

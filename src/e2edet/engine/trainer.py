@@ -475,9 +475,11 @@ class Trainer:
 
     def _store_predict_score(self, result: Mapping[str, Any]) -> None:
         """Put the F1-optimal score threshold of this evaluation (``diagnostics.<column>.f1_threshold`` of the
-        column of ``best_metric``, e.g. ``no_nms``) into the config the next checkpoints store, as
-        ``test.predict_score``: ``e2edet predict`` and the pictures then show what the model found."""
-        column = self.best_metric.split(".", 1)[0]
+        column of ``best_metric``, e.g. ``no_nms`` of ``no_nms.AP`` or ``segm.no_nms.AP``) into the config the next
+        checkpoints store, as ``test.predict_score``: ``e2edet predict`` and the pictures then show what the model
+        found."""
+        parts = self.best_metric.split(".")
+        column = next((part for part in parts if part in ("no_nms", "nms")), parts[0])
         threshold = lookup(result, f"diagnostics.{column}.f1_threshold")
         test = (self.config_dict or {}).get("test")
         if isinstance(test, dict) and isinstance(threshold, (int, float)) and 0 < threshold <= 1:
