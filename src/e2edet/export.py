@@ -4,14 +4,18 @@ The exported graph is the whole detector *and* its NMS-free post-processing: ``i
 RGB, zero-padded at the bottom/right; ``H``/``W`` multiples of 32) and, for the models that use it (query and
 DETR detectors), ``image_sizes`` int64 ``[B, 2]`` ``(h, w)`` of each unpadded image → ``boxes [B, N, 4]`` (xyxy
 pixels of the input), ``scores [B, N]`` and ``labels [B, N]`` (int64), the top ``N = test.max_detections``
-(point, class) pairs by the recipe's score. There is no NMS node: DeFCN's own inference is a sort and top-k
-(``specs/dense.md`` §2.5; the per-level top-1000 is a no-op for the top 100 and the 0.05 threshold commutes with
-the top-k, so :class:`e2edet.inference.OnnxPredictor` applies it afterwards; as the DeFCN maintainer says in issue
-#11, both can be dropped). Recipes whose evaluation needs NMS (FCOS) are refused.
+(point, class) pairs by the recipe's score; instance-segmentation models (``model.masks``) also give
+``masks [B, N, H/4, W/4]``, each detection's mask probability at stride 4 over the padded input (the runtime
+pastes them into the original image: :func:`e2edet.models.dense.mask_postprocess.paste_masks`). There is no NMS
+node: DeFCN's own inference is a sort and top-k (``specs/dense.md`` §2.5; the per-level top-1000 is a no-op for the
+top 100 and the 0.05 threshold commutes with the top-k, so :class:`e2edet.inference.OnnxPredictor` applies it
+afterwards; as the DeFCN maintainer says in issue #11, both can be dropped). O2F CondInst thresholds the cls
+probability before ranking by cls·ctr: the graph zeroes the scores below it. Recipes whose evaluation needs NMS
+(FCOS) are refused.
 
-Height and width are dynamic where the graph allows it (dense detectors, Sparse R-CNN): the file then
-runs on any padded size, and ``--size`` is only the size it is traced and checked at. AdaMixer and Deformable DETR graphs
-are fixed at the export size (see :func:`supports_dynamic_size`). The file carries everything a runtime needs in its
+Height and width are dynamic where the graph allows it (dense detectors, Sparse R-CNN): the file then runs on any
+padded size, and ``--size`` is only the size it is traced and checked at. AdaMixer and Deformable DETR graphs are
+fixed at the export size (see :func:`supports_dynamic_size`). The file carries everything a runtime needs in its
 ``metadata_props`` (:func:`onnx_metadata`): class names, mean/std, the resize and padding rules, the input size,
 the score mode and the post-processing left to do, the recipe, the e2edet version and the whole config.
 """
@@ -35,12 +39,16 @@ from e2edet.models.dense.points import anchor_points
 from e2edet.models.dense.postprocess import class_probabilities
 from e2edet.models.query.postprocess import query_scores
 from e2edet.models.query.sparse_rcnn import SparseRCNN
+from e2edet.ops.dynamic_mask import dynamic_mask_logits
 from e2edet.utils import error_text
 
 
-#: Score modes whose top-k is the final output (no NMS): POTO, DeFCN, O2F, Sparse R-CNN / AdaMixer, D-RMM, Deformable
-#: DETR (its deformable attention exports as ``GridSample``, opset >= 16).
-END_TO_END_SCORES = ("cls", "cls_filter", "cls_ctr", "drmm")
+#: Score modes whose top-k is the final output (no NMS): POTO, DeFCN, O2F, O2F CondInst, Sparse R-CNN / AdaMixer,
+#: D-RMM, Deformable DETR (its deformable attention exports as ``GridSample``, opset >= 16).
+END_TO_END_SCORES = ("cls", "cls_filter", "cls_ctr", "cls_ctr_cls_thresh", "drmm")
+
+#: Stride of the ``masks`` output (the CondInst mask-logit stride, ``specs/dense.md`` 3.10).
+MASK_STRIDE = 4
 
 #: Largest export side in pixels (a guard against typos such as 41600x576 that would exhaust memory).
 MAX_SIDE = 8192
@@ -222,6 +230,32 @@ def compare_detections(
     return [message for _, message in sorted(problems, key=lambda p: -p[0])]  # stable: ties keep their order
 
 
+def compare_masks(ref: list[np.ndarray], got: list[np.ndarray], prob_tol: float = 1e-3) -> list[str]:
+    """Compare the ``masks`` outputs (``[B, N, Hm, Wm]`` probabilities, 4th of ``boxes, scores, labels, masks``) of
+    two runtimes whose detections :func:`compare_detections` found equal as sets.
+
+    Each reference detection is paired with the other side's detections of the same label, a score within 1e-4
+    and a box of IoU >= 0.99 (tied scores may come out in another order; one anchor point emitting two classes
+    has one box and one mask); its mask must be within ``prob_tol`` of one of theirs everywhere. A detection with
+    no such partner (a near-tie at the top-k cut-off) is skipped.
+    Returns one message per difference (empty when the masks agree).
+    """
+    (rb, rs, rl, rm), (gb, gs, gl, gm) = ref, got
+    if rm.shape != gm.shape:
+        return [f"mask output shapes differ: reference {rm.shape} vs {gm.shape}"]
+    problems = []
+    for b in range(rm.shape[0]):
+        for i in range(rs.shape[1]):
+            partners = np.flatnonzero((gl[b] == rl[b, i]) & (np.abs(gs[b] - rs[b, i]) <= 1e-4))
+            partners = partners[_iou(rb[b, i].astype(np.float64), gb[b, partners].astype(np.float64)) >= 0.99]
+            if not len(partners):
+                continue
+            diff = min(float(np.abs(rm[b, i].astype(np.float64) - gm[b, j]).max(initial=0.0)) for j in partners)
+            if not diff <= prob_tol:
+                problems.append(f"image {b}: mask of detection {i} differs by {diff:.3g} (tolerance {prob_tol:g})")
+    return problems
+
+
 def supports_dynamic_size(model: nn.Module) -> bool:
     """Whether ``model``'s graph, as traced by :class:`EndToEndDetector`, takes any input height/width (ONNX
     dynamic axes).
@@ -245,25 +279,31 @@ class EndToEndDetector(nn.Module):
     anchors) at anchor points built from the traced feature sizes (:meth:`DenseDetector.decode_boxes`; equal to the
     model's ``pred_boxes``; the model's own points are Python-int constants under tracing).
 
+    A dense model with a mask head (``model.mask_branch``) also returns ``masks [B, N, H/4, W/4]``: the sigmoid of
+    the dynamic mask head (:func:`~e2edet.ops.dynamic_mask.dynamic_mask_logits`) of each detection's anchor point.
+
     Args:
         model: a detector obeying the model contract (``docs/architecture.md``): dense, query-based or DETR.
         score: ``cls`` (sigmoid of the logits), ``cls_filter`` (times sigmoid of the 3DMF filter logit), ``cls_ctr``
-            (O2F: times sigmoid of the centerness logit) or ``drmm`` (D-RMM: softmax of the class logits times
-            sigmoid of the foreground logit).
+            (O2F: times sigmoid of the centerness logit), ``cls_ctr_cls_thresh`` (O2F CondInst: ``cls_ctr`` where
+            the cls probability exceeds ``score_thresh``, else 0, so the runtime keeps the scores above 0) or
+            ``drmm`` (D-RMM: softmax of the class logits times sigmoid of the foreground logit).
         max_detections: ``N``, detections per image.
+        score_thresh: the cls-probability threshold of ``cls_ctr_cls_thresh`` (``test.score_thresh``).
     Raises:
         ValueError: an unsupported score mode.
     """
 
-    def __init__(self, model: nn.Module, score: str, max_detections: int):
+    def __init__(self, model: nn.Module, score: str, max_detections: int, score_thresh: float = 0.05):
         super().__init__()
         if score not in END_TO_END_SCORES:
             raise ValueError(f"score mode {score!r} is not end-to-end (export supports {', '.join(END_TO_END_SCORES)})")
         self.model, self.score, self.max_detections = model, score, max_detections
+        self.score_thresh = float(score_thresh)
         self.dense = isinstance(model, DenseDetector)
+        self.masks = self.dense and getattr(model, "mask_branch", None) is not None
 
-    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         if image_sizes is not None and not self.dense:  # zeros: the padded size (the graph input's default)
             full = torch._shape_as_tensor(images)[2:].to(image_sizes.dtype)
             image_sizes = torch.where(image_sizes > 0, image_sizes, full).expand(images.shape[0], 2)
@@ -276,6 +316,8 @@ class EndToEndDetector(nn.Module):
             if hook is not None:
                 hook.remove()
         prob = query_scores(out, "drmm") if self.score == "drmm" else class_probabilities(out, self.score)
+        if self.score == "cls_ctr_cls_thresh":  # threshold on the cls probability, rank by cls * ctr
+            prob = torch.where(prob > self.score_thresh, prob * out["pred_ctr"].float().sigmoid().unsqueeze(-1), 0.0)
         num_classes = prob.shape[-1]
         scores, index = prob.flatten(1).topk(min(self.max_detections, prob.shape[1] * num_classes), dim=1)
         point = torch.div(index, num_classes, rounding_mode="floor")
@@ -285,7 +327,13 @@ class EndToEndDetector(nn.Module):
             points, strides = anchor_points(sizes, self.model.strides, device=images.device)[:2]
             boxes = self.model.decode_boxes(points, strides, out)
         boxes = boxes.gather(1, point.unsqueeze(-1).expand(-1, -1, 4))
-        return boxes, scores, index % num_classes
+        if not self.masks:
+            return boxes, scores, index % num_classes
+        all_params = out["pred_mask_params"]
+        params = all_params.gather(1, point.unsqueeze(-1).expand(-1, -1, all_params.shape[-1]))
+        logits = dynamic_mask_logits(out["mask_feats"], params, points[point], strides[point],
+                                     int(out["mask_feat_stride"]), MASK_STRIDE)
+        return boxes, scores, index % num_classes, logits[:, :, 0].float().sigmoid()
 
 
 def onnx_metadata(cfg: Config, height: int, width: int, dynamic: bool) -> dict[str, str]:
@@ -300,9 +348,17 @@ def onnx_metadata(cfg: Config, height: int, width: int, dynamic: bool) -> dict[s
     ``input_size`` (``[H, W]`` traced), ``dynamic_size``, ``inputs``/``outputs`` (names), ``box_format``,
     ``score`` (the score mode), ``max_detections``, ``postprocess`` (``{"score_thresh": float or null, "clip":
     bool}``: what follows the graph, as the recipe's post-processor does it: dense recipes keep scores above
-    ``test.score_thresh`` and clip boxes to the image) and ``e2edet_config`` (the whole config).
+    ``test.score_thresh`` (``cls_ctr_cls_thresh``: above 0, the graph has applied the threshold to the cls
+    probability) and clip boxes to the image; instance-segmentation models also ``"masks": {"stride": 4,
+    "threshold": 0.5}``: paste the ``masks`` output into the original image, as
+    :func:`~e2edet.models.dense.mask_postprocess.paste_masks`) and ``e2edet_config`` (the whole config).
     """
     dense = cfg.model.arch == "dense"
+    masks = dense and bool(getattr(cfg.model, "masks", False))
+    thresh = (0.0 if cfg.test.score == "cls_ctr_cls_thresh" else cfg.test.score_thresh) if dense else None
+    postprocess = {"score_thresh": thresh, "clip": dense}
+    if masks:
+        postprocess["masks"] = {"stride": MASK_STRIDE, "threshold": 0.5}
     values = {
         "e2edet_version": e2edet.__version__,
         "recipe": cfg.name,
@@ -315,12 +371,12 @@ def onnx_metadata(cfg: Config, height: int, width: int, dynamic: bool) -> dict[s
         "input_size": [height, width],
         "dynamic_size": dynamic,
         "inputs": ["images"] if dense else ["images", "image_sizes"],
-        "outputs": ["boxes", "scores", "labels"],
+        "outputs": ["boxes", "scores", "labels", *(["masks"] if masks else [])],
         "box_format": "xyxy pixels of the network input (the resized, unpadded image); scale by original / resized "
                       "size per axis",
         "score": cfg.test.score,
         "max_detections": cfg.test.max_detections,
-        "postprocess": {"score_thresh": cfg.test.score_thresh if dense else None, "clip": dense},
+        "postprocess": postprocess,
         "e2edet_config": to_dict(cfg),
     }
     return {"e2edet_format": ONNX_FORMAT, **{k: json.dumps(v) for k, v in values.items()}}
@@ -353,7 +409,10 @@ def _check_run(session, wrapper: EndToEndDetector, images: torch.Tensor, sizes: 
         feed["image_sizes"] = sizes.numpy()
     with torch.no_grad():
         ref = [t.numpy() for t in wrapper(images, sizes if "image_sizes" in feed else None)]
-    problems = compare_detections(tuple(ref), tuple(session.run(None, feed)))
+    got = session.run(None, feed)
+    problems = compare_detections(tuple(ref[:3]), tuple(got[:3]))
+    if not problems and wrapper.masks:
+        problems = compare_masks(ref, got)
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ExportMismatchError(f"{out}: onnxruntime differs from PyTorch on {what}; worst difference: "
@@ -379,22 +438,19 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
     Returns:
         The written path.
     Raises:
-        ExportError (a ``ConfigError``): an FCOS-style recipe (needs NMS), an instance-segmentation model
-            (``model.masks``: the graph would have no mask output), a size that is not a positive multiple
+        ExportError (a ``ConfigError``): an FCOS-style recipe (needs NMS), a size that is not a positive multiple
             of 32, ``dynamic=True`` for a model that cannot have it, an ``out`` that cannot be written, or
             ``onnx``/``onnxruntime`` not installed.
         ExportMismatchError: onnxruntime's detections differ from PyTorch's when compared as sets
             (:func:`compare_detections`: same labels, scores within 1e-4, boxes IoU >= 0.99 or within 0.05 px;
-            near-ties at the top-k cut-off may differ); the message names ``out`` and the worst difference.
+            near-ties at the top-k cut-off may differ), or their masks by more than 1e-3 (:func:`compare_masks`);
+            the message names ``out`` and the worst difference.
     """
     if cfg.test.nms_iou > 0:
         raise ExportError(f"{cfg.name} is evaluated with NMS (test.nms_iou={cfg.test.nms_iou}); export an end-to-end "
                           "recipe (poto, poto_3dmf, defcn, anchor, center, fg_loss, o2f, sparse_rcnn, adamixer, "
                           "drmm_*, deformable_detr*)")
     check_size(height, width)
-    if getattr(cfg.model, "masks", False):
-        raise ExportError(f"{cfg.name} predicts instance masks (model.masks=true); ONNX export covers box detectors "
-                          "only (the graph has no mask output): use `e2edet predict` for its masks")
     if cfg.model.arch == "dense" and cfg.test.topk_candidates < cfg.test.max_detections:
         raise ExportError(f"test.topk_candidates={cfg.test.topk_candidates} < test.max_detections="
                           f"{cfg.test.max_detections}: the graph's single top-k equals the per-level top-k only when "
@@ -405,12 +461,13 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
     dynamic = supports_dynamic_size(model) if dynamic is None else bool(dynamic)
     ort = _import_onnxruntime()
 
-    wrapper = EndToEndDetector(model, cfg.test.score, cfg.test.max_detections).eval()
+    wrapper = EndToEndDetector(model, cfg.test.score, cfg.test.max_detections, cfg.test.score_thresh).eval()
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(1, 3, height, width, generator=generator)
     sizes = torch.tensor([[height - 16 if height > 32 else height, width - 24 if width > 32 else width]])
     axes = {"images": {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}, "image_sizes": {0: "batch"}}
     axes.update({name: {0: "batch"} for name in ("boxes", "scores", "labels")})
+    axes["masks"] = {0: "batch", 2: "mask_height", 3: "mask_width"} if dynamic else {0: "batch"}
     out = Path(out)
     tmp = _check_writable(out)
     try:
@@ -420,9 +477,11 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | Path, height: int, wid
             # size below).
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # the mask head's slices that are not constants (dynamic sizes): only an optimisation is skipped
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
             args = (example,) if wrapper.dense else (example, sizes)
             inputs = ["images"] if wrapper.dense else ["images", "image_sizes"]
-            outputs = ["boxes", "scores", "labels"]
+            outputs = ["boxes", "scores", "labels", *(["masks"] if wrapper.masks else [])]
             torch.onnx.export(wrapper, args, str(tmp), input_names=inputs, output_names=outputs, opset_version=opset,
                               dynamo=False, dynamic_axes={k: axes[k] for k in [*inputs, *outputs]})
         _finish_onnx(tmp, onnx_metadata(cfg, height, width, dynamic), optional_sizes=not wrapper.dense)

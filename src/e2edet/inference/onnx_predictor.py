@@ -16,6 +16,7 @@ from e2edet.engine.device import DeviceError
 from e2edet.inference.base import BasePredictor
 from e2edet.inference.inputs import Preprocessing
 from e2edet.inference.outputs import DEFAULT_SCORE
+from e2edet.models.dense.mask_postprocess import paste_masks
 from e2edet.ops.boxes import rescale_boxes
 from e2edet.utils import error_text
 
@@ -49,7 +50,8 @@ class OnnxPredictor(BasePredictor):
     Everything the graph expects is read from the file's metadata (see :func:`e2edet.export.onnx_metadata`): class
     names, mean/std, the resize rule, the padding (to multiples of 32 for a graph with dynamic height/width, to
     the exported size for a fixed-size one) and what the graph leaves to do (dense recipes: drop scores at or
-    below ``test.score_thresh``, clip boxes to the image and drop empty ones; query recipes: nothing). The
+    below ``test.score_thresh``, clip boxes to the image and drop empty ones; instance-segmentation recipes: also
+    paste the ``masks`` output into the original image, as the PyTorch post-processor; query recipes: nothing). The
     preprocessing is :class:`Preprocessing`, as in :class:`Predictor`, so on the same images both give the same
     detections (up to float rounding and the order of tied scores; a fixed-size graph sees more padding than the
     PyTorch model, which moves scores slightly where the model normalises over the whole input).
@@ -114,14 +116,18 @@ class OnnxPredictor(BasePredictor):
         """The graph and its remaining post-processing on one preprocessed batch (see
         :meth:`BasePredictor.detect`)."""
         feed = {"images": batch.cpu().numpy(), "image_sizes": sizes.numpy()}
-        boxes, scores, labels = (torch.from_numpy(a) for a in self.session.run(
+        boxes, scores, labels, *masks = (torch.from_numpy(a) for a in self.session.run(
             None, {k: v for k, v in feed.items() if k in self.inputs}))
-        thresh, clip = self.metadata["postprocess"]["score_thresh"], self.metadata["postprocess"]["clip"]
+        post = self.metadata["postprocess"]
+        thresh, clip, mask_rule = post["score_thresh"], post["clip"], post.get("masks")
         results = []
         for b, ((h, w), (oh, ow)) in enumerate(zip(sizes.tolist(), orig_sizes.tolist())):
             keep = scores[b] > thresh if thresh is not None else slice(None)
             box = rescale_boxes(boxes[b][keep].float(), (h, w), (oh, ow))
             det = {"boxes": box, "scores": scores[b][keep].float(), "labels": labels[b][keep].to(torch.int64)}
+            if masks and mask_rule:
+                det["masks"] = paste_masks(masks[0][b][keep], (h, w), (oh, ow), int(mask_rule["stride"]),
+                                           float(mask_rule["threshold"]))
             if clip:
                 det["boxes"] = tv_ops.clip_boxes_to_image(box, (oh, ow))
                 nonempty = (det["boxes"][:, 2] > det["boxes"][:, 0]) & (det["boxes"][:, 3] > det["boxes"][:, 1])

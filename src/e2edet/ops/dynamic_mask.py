@@ -117,35 +117,46 @@ def aligned_bilinear(tensor: Tensor, factor: int) -> Tensor:
 
 def dynamic_mask_logits(mask_feats: Tensor, params: Tensor, points: Tensor, strides: Tensor, feat_stride: int,
                         out_stride: int = 4, num_layers: int = 3, channels: int = 8) -> Tensor:
-    """Mask logits of ``N`` instances of one image: each instance's dynamic head on [relative coordinates, bases],
-    then ``aligned_bilinear`` from the feature stride to ``out_stride`` (official ``forward_mask_decode``).
+    """Mask logits of ``N`` instances of one image (or of each image of a batch): each instance's dynamic head on
+    [relative coordinates, bases], then ``aligned_bilinear`` from the feature stride to ``out_stride`` (official
+    ``forward_mask_decode``).
 
     The dynamic 1x1 convolutions are batched matrix products (the official grouped ``F.conv2d`` with ``groups=N``
     computes the same sums); the first layer applies its base columns to the shared bases once, without copying them
-    per instance.
+    per instance. Only tensor operations on shapes: the batched form traces into an ONNX graph with dynamic batch,
+    instance count and size (:class:`e2edet.export.EndToEndDetector`).
 
     Args:
-        mask_feats: ``[num_bases, h, w]`` mask bases of the image (stride ``feat_stride``, 8 = P3).
-        params: ``[N, P]`` controller outputs of the instances (see :func:`parse_dynamic_params`).
-        points: ``[N, 2]`` anchor points (x, y) pixels; strides: ``[N]`` their FPN strides.
+        mask_feats: ``[num_bases, h, w]`` mask bases of the image (stride ``feat_stride``, 8 = P3), or
+            ``[B, num_bases, h, w]`` for a batch.
+        params: ``[N, P]`` (batch: ``[B, N, P]``) controller outputs of the instances (see
+            :func:`parse_dynamic_params`).
+        points: ``[N, 2]`` (batch: ``[B, N, 2]``) anchor points (x, y) pixels; strides: ``[N]`` (``[B, N]``) their
+            FPN strides.
         feat_stride: stride of ``mask_feats``; out_stride: stride of the returned logits (4); ``feat_stride`` must be
             a multiple of it.
     Returns:
-        ``[N, 1, h·f, w·f]`` logits, ``f = feat_stride // out_stride``, in ``params``' dtype promoted with the
-        features'.
+        ``[N, 1, h·f, w·f]`` (batch: ``[B, N, 1, h·f, w·f]``) logits, ``f = feat_stride // out_stride``, in
+        ``params``' dtype promoted with the features'.
     Raises:
         ValueError: ``feat_stride`` not a multiple of ``out_stride``, or mismatched shapes.
     """
     if feat_stride % out_stride:
         raise ValueError(f"feat_stride {feat_stride} is not a multiple of the mask out_stride {out_stride}")
-    num_bases, h, w = mask_feats.shape
-    n = params.shape[0]
-    weights, biases = parse_dynamic_params(params, num_bases, channels, num_layers)
+    batched = mask_feats.dim() == 4
+    if not batched:
+        mask_feats, params, points, strides = mask_feats[None], params[None], points[None], strides[None]
+    batch, num_bases, h, w = mask_feats.shape
+    n = params.shape[1]
+    weights, biases = parse_dynamic_params(params.reshape(-1, params.shape[-1]), num_bases, channels, num_layers)
     dtype = torch.promote_types(params.dtype, mask_feats.dtype)
-    coords = relative_coordinates(points, strides, h, w, feat_stride).to(dtype).reshape(n, 2, h * w)
-    w0 = weights[0].to(dtype)
-    x = (w0[:, :, :2] @ coords + w0[:, :, 2:] @ mask_feats.to(dtype).reshape(num_bases, h * w)
-         + biases[0].to(dtype)[:, :, None])
+    coords = relative_coordinates(points.reshape(-1, 2), strides.reshape(-1), h, w, feat_stride)
+    coords = coords.to(dtype).reshape(batch, n, 2, h * w)
+    w0 = weights[0].to(dtype).reshape(batch, n, channels, num_bases + 2)
+    bases = mask_feats.to(dtype).reshape(batch, 1, num_bases, h * w)
+    x = w0[..., :2] @ coords + w0[..., 2:] @ bases + biases[0].to(dtype).reshape(batch, n, channels, 1)
+    x = x.reshape(-1, channels, h * w)
     for weight, bias in zip(weights[1:], biases[1:]):
         x = torch.baddbmm(bias.to(dtype)[:, :, None], weight.to(dtype), F.relu(x))
-    return aligned_bilinear(x.reshape(n, 1, h, w), feat_stride // out_stride)
+    logits = aligned_bilinear(x.reshape(-1, 1, h, w), feat_stride // out_stride)
+    return logits.reshape(batch, n, 1, *logits.shape[-2:]) if batched else logits

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from e2edet.ops.dynamic_mask import aligned_bilinear, dynamic_mask_logits
 
-__all__ = ["instance_masks"]
+__all__ = ["instance_masks", "paste_masks"]
 
 
 def instance_masks(outputs: dict, b: int, point_index: torch.Tensor, image_size: tuple[int, int],
@@ -35,15 +35,33 @@ def instance_masks(outputs: dict, b: int, point_index: torch.Tensor, image_size:
     Returns:
         ``bool [k, H, W]``.
     """
-    height, width = int(orig_size[0]), int(orig_size[1])
-    h, w = int(image_size[0]), int(image_size[1])
     feats = outputs["mask_feats"][b]
-    out = torch.zeros(point_index.numel(), height, width, dtype=torch.bool, device=feats.device)
+    out = torch.zeros(point_index.numel(), int(orig_size[0]), int(orig_size[1]), dtype=torch.bool,
+                      device=feats.device)
     for start in range(0, point_index.numel(), chunk):
         idx = point_index[start : start + chunk]
         logits = dynamic_mask_logits(feats, outputs["pred_mask_params"][b][idx], outputs["points"][idx],
                                      outputs["strides"][idx], int(outputs["mask_feat_stride"]), out_stride)
-        prob = aligned_bilinear(logits.float().sigmoid(), out_stride)[:, :, :h, :w]
-        prob = F.interpolate(prob, size=(height, width), mode="bilinear", align_corners=False)
-        out[start : start + idx.numel()] = prob[:, 0] > threshold
+        out[start : start + idx.numel()] = paste_masks(logits.float().sigmoid()[:, 0], image_size, orig_size,
+                                                       out_stride, threshold)
     return out
+
+
+def paste_masks(probs: torch.Tensor, image_size: tuple[int, int], orig_size: tuple[int, int], out_stride: int = 4,
+                threshold: float = 0.5) -> torch.Tensor:
+    """Mask probabilities at stride ``out_stride`` over the padded network input -> binary masks in the original
+    image: :func:`~e2edet.ops.dynamic_mask.aligned_bilinear` x ``out_stride``, crop to the unpadded input
+    ``image_size`` ``(h, w)``, bilinear resize (``align_corners=False``) to ``orig_size`` ``(H, W)``,
+    ``> threshold`` (official ``condinst_head.py`` ``_get_bboxes_single``).
+
+    Args:
+        probs: ``float [k, Hm, Wm]`` (sigmoid of the dynamic head's logits; the ONNX graph's ``masks`` output).
+    Returns:
+        ``bool [k, H, W]``.
+    """
+    h, w = int(image_size[0]), int(image_size[1])
+    if probs.shape[0] == 0:
+        return torch.zeros(0, int(orig_size[0]), int(orig_size[1]), dtype=torch.bool, device=probs.device)
+    prob = aligned_bilinear(probs.float()[:, None], out_stride)[:, :, :h, :w]
+    prob = F.interpolate(prob, size=(int(orig_size[0]), int(orig_size[1])), mode="bilinear", align_corners=False)
+    return prob[:, 0] > threshold
