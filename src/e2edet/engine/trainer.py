@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from e2edet.engine.checkpoint import (load_checkpoint, read_weights_header, resolve_weights_file, save_checkpoint,
                                      weights_mismatch)
-from e2edet.engine.device import init_distributed
+from e2edet.engine.device import cpu_has_bf16, init_distributed
 from e2edet.engine.ema import build_ema
 from e2edet.engine.evaluator import save_results
 from e2edet.engine.logger import MetricsLogger, is_loss_key, lookup, plot_losses
@@ -83,8 +83,8 @@ class Trainer:
         train_loader: yields ``(images [B, 3, H, W], targets)`` (the collate contract) and has ``len()``; its
             sampler's ``set_epoch(epoch)`` is called at each epoch start if present.
         cfg: object with the TrainConfig fields (epochs, max_iters, optimizer, lr, ..., log_period, eval_period,
-            checkpoint_period, checkpoint_every, device, amp, seed, clip_grad_norm; optional compile, ema, ema_decay,
-            ema_tau). ``checkpoint_period`` counts epochs, ``checkpoint_every`` iterations (0 = off); both write
+            checkpoint_period, checkpoint_every, device, amp, seed, clip_grad_norm; optional cpu_amp, compile, ema,
+            ema_decay, ema_tau). ``checkpoint_period`` counts epochs, ``checkpoint_every`` iterations (0 = off); both write
             ``checkpoints/last``, and a run resumed from a mid-epoch checkpoint continues exactly where it stopped
             (the loader's :class:`~e2edet.data.loader.EpochShuffleSampler` skips the samples already seen).
             With ``ema`` an EMA of the weights (:mod:`e2edet.engine.ema`) is updated after every optimizer step; it
@@ -108,7 +108,11 @@ class Trainer:
         self.config_dict, self.evaluate_fn, self.best_metric = config_dict, evaluate_fn, best_metric
         self.progress = progress
         self.device, self._owns_process_group = init_distributed(getattr(cfg, "device", "auto"))
-        self.use_amp = bool(getattr(cfg, "amp", False)) and self.device.type == "cuda"
+        self.use_amp = (bool(getattr(cfg, "amp", False)) and self.device.type == "cuda") or (
+            bool(getattr(cfg, "cpu_amp", False)) and self.device.type == "cpu")
+        if self.use_amp and self.device.type == "cpu" and not cpu_has_bf16():
+            warnings.warn("train.cpu_amp: this CPU has neither AVX512-BF16 nor AMX; bf16 autocast will likely be "
+                          "slower than float32", stacklevel=2)
 
         self.iters_per_epoch = len(train_loader)
         if self.iters_per_epoch == 0:
