@@ -2,7 +2,7 @@
 Hugging Face transformers' Deformable DETR for e2edet's Deformable DETR.
 
     python benchmarks/speed.py [--iters 10] [--batch 4] [--size 416] [--threads 2]
-        [--recipes fcos_mnv2_cpu defcn_mnv2_cpu ...] [--trained RUN_DIR ...] [--detr] [--detr-iters 3]
+        [--recipes fcos_mnv2_cpu defcn_mnv2_cpu ...] [--trained RUN_DIR ...] [--detr] [--detr-iters 3] [--cpu-amp]
 
 Dense rows (every ``*_mnv2_cpu`` dense recipe by default): all models get the same real BCCD images (the shorter side
 resized to ``--size``, padded to 32) and the same architecture: ImageNet MobileNetV2 with frozen batch norms, FPN
@@ -12,6 +12,8 @@ torchvision's ``mobilenet_v2``, ``BackboneWithFPN`` and ``FCOSHead``.
 
 - **Training step**: forward, the recipe's loss (assignment included), backward and an SGD step, batch ``--batch``.
   torchvision's FCOS runs its own ``GeneralizedRCNNTransform`` (normalise, resize to the same size) and loss.
+  ``--cpu-amp`` times both under CPU bf16 autocast (e2edet as ``train.cpu_amp`` trains: forward in bf16, loss in
+  float32; torchvision's forward and loss under autocast, as its references' ``--amp``).
 - **Inference**, batch 1: e2edet's :class:`~e2edet.inference.Predictor` on the preprocessed image (the model and the
   recipe's own post-processing: top-k, no NMS, except FCOS with its NMS 0.6) against torchvision's FCOS in eval mode
   (its transform, top-k and NMS 0.6). Timed with fresh weights (ImageNet backbone, freshly initialised head) and,
@@ -50,6 +52,7 @@ from e2edet.config import apply_overrides
 from e2edet.data.collate import collate
 from e2edet.data.samples import ensure_mobilenet_weights
 from e2edet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from e2edet.engine.trainer import to_float32
 from e2edet.export import export_onnx
 from e2edet.inference import OnnxPredictor, Predictor
 from e2edet.recipes import get_recipe
@@ -102,13 +105,16 @@ def torchvision_inputs(images: torch.Tensor, targets: list[dict]):
     return tv_images, tv_targets
 
 
-def train_step_fn(model: nn.Module, criterion, batch):
-    """One e2edet training step (forward, loss, backward, SGD) on ``batch`` as a closure."""
+def train_step_fn(model: nn.Module, criterion, batch, amp: bool = False):
+    """One e2edet training step (forward, loss, backward, SGD) on ``batch`` as a closure; ``amp`` runs the forward
+    under CPU bf16 autocast and the loss on float32 outputs, as the trainer does with ``train.cpu_amp``."""
     opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=1e-4, momentum=0.9)
     images, targets = batch
 
     def step():
-        losses = criterion(model(images), targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            outputs = model(images)
+        losses = criterion(to_float32(outputs) if amp else outputs, targets)
         loss = sum(v for k, v in losses.items() if k.startswith("loss"))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -117,12 +123,15 @@ def train_step_fn(model: nn.Module, criterion, batch):
     return step
 
 
-def tv_train_step_fn(model: FCOS, batch):
+def tv_train_step_fn(model: FCOS, batch, amp: bool = False):
+    """One torchvision FCOS training step; ``amp`` runs its forward and loss under CPU bf16 autocast, as
+    torchvision's detection references do with ``--amp``."""
     opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=1e-4, momentum=0.9)
     tv_images, tv_targets = torchvision_inputs(*batch)
 
     def step():
-        loss = sum(model(tv_images, tv_targets).values())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = sum(model(tv_images, tv_targets).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -188,8 +197,8 @@ def dense_rows(args) -> tuple[list, list]:
         tv = torchvision_fcos(cfg, args.size)
         batch = _batch(data, args.batch)
         model = build_model(cfg).train()
-        ours_s, tv_s, ratio = timed_pairs(train_step_fn(model, build_criterion(cfg), batch),
-                                          tv_train_step_fn(tv.train(), batch), args.iters)
+        ours_s, tv_s, ratio = timed_pairs(train_step_fn(model, build_criterion(cfg), batch, args.cpu_amp),
+                                          tv_train_step_fn(tv.train(), batch, args.cpu_amp), args.iters)
         mem = (peak_memory_mb("train", recipe, args), peak_memory_mb("train", "torchvision", args))
         train_rows.append((recipe, ours_s, tv_s, ratio, *mem))
 
@@ -236,12 +245,15 @@ def main() -> None:
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows")
     p.add_argument("--detr", action="store_true", help="also Deformable DETR against transformers")
     p.add_argument("--detr-iters", type=int, default=3)
+    p.add_argument("--cpu-amp", action="store_true",
+                   help="time both sides' training steps under CPU bf16 autocast (peak memory stays float32)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     train_rows, infer_rows = dense_rows(args)
     print(f"\n## Dense training step: batch {args.batch}, shorter side {args.size}, {args.threads} threads, median "
-          f"of {args.iters} alternated pairs; peak MB above the built model")
+          f"of {args.iters} alternated pairs{', bf16 autocast' if args.cpu_amp else ''}; peak MB (float32) above "
+          "the built model")
     print("| recipe | e2edet s | torchvision FCOS s | ratio | e2edet peak MB | torchvision peak MB |")
     print("|---|---|---|---|---|---|")
     for r in train_rows:

@@ -34,16 +34,16 @@ def _to_device(target: Mapping[str, Any], device: torch.device) -> dict[str, Any
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
 
 
-def _to_float32(value: Any) -> Any:
+def to_float32(value: Any) -> Any:
     """Cast half/bfloat16 tensors (nested in dicts/lists/tuples) to float32 so losses run in full precision."""
     if isinstance(value, torch.Tensor):
         return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
     if isinstance(value, Mapping):
-        return {k: _to_float32(v) for k, v in value.items()}
+        return {k: to_float32(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_to_float32(v) for v in value]
+        return [to_float32(v) for v in value]
     if isinstance(value, tuple):
-        return tuple(_to_float32(v) for v in value)
+        return tuple(to_float32(v) for v in value)
     return value
 
 
@@ -374,7 +374,7 @@ class Trainer:
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             outputs = self.ddp_model(images, sizes)
         if self.use_amp:
-            outputs = _to_float32(outputs)
+            outputs = to_float32(outputs)
         try:
             loss_dict = self.criterion(outputs, targets, epoch=epoch, max_epoch=self.num_epochs)
         except RuntimeError as err:  # e.g. a probability-space loss refusing NaN scores: name the real cause
