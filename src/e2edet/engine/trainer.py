@@ -84,7 +84,8 @@ class Trainer:
             sampler's ``set_epoch(epoch)`` is called at each epoch start if present.
         cfg: object with the TrainConfig fields (epochs, max_iters, optimizer, lr, ..., log_period, eval_period,
             checkpoint_period, checkpoint_every, device, amp, seed, clip_grad_norm; optional cpu_amp, compile, ema,
-            ema_decay, ema_tau). ``checkpoint_period`` counts epochs, ``checkpoint_every`` iterations (0 = off); both write
+            ema_decay, ema_tau). ``amp`` autocasts the forward to bf16 on CUDA, ``cpu_amp`` on the CPU.
+            ``checkpoint_period`` counts epochs, ``checkpoint_every`` iterations (0 = off); both write
             ``checkpoints/last``, and a run resumed from a mid-epoch checkpoint continues exactly where it stopped
             (the loader's :class:`~e2edet.data.loader.EpochShuffleSampler` skips the samples already seen).
             With ``ema`` an EMA of the weights (:mod:`e2edet.engine.ema`) is updated after every optimizer step; it
