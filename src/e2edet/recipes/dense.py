@@ -147,9 +147,9 @@ def _cpu(variant: str) -> Config:
     _apply(cfg, model, loss, test)
     cfg.model.ctr_channels = cfg.model.fpn_channels // 4  # O2F: feat_channels // 4 (64 of 256)
     t = cfg.train
-    # 100 epochs of the 40 tree tiles (1000 iterations, 14 min on 2 CPU cores): DeFCN's AP on the held-out crop
-    # without NMS approaches its AP with NMS only late (epoch 20: 7.1 / 8.7, 60: 11.7 / 12.8, 80: 9.9 / 10.0,
-    # 100: 10.1 / 10.5, seed 42; 60 epochs ended at 9.3 / 10.5); evaluated every 10 epochs, so `best` is chosen by
+    # 100 epochs of the 40 tree tiles (1000 iterations, 14-17 min on 2 CPU cores): DeFCN's AP on the held-out crop
+    # without NMS approaches its AP with NMS only late (epoch 20: 8.1 / 9.5, 60: 10.8 / 11.6, 80: 11.0 / 11.3,
+    # 100: 10.3 / 10.5, seed 42; 60 epochs ended at 9.3 / 10.5); evaluated every 10 epochs, so `best` is chosen by
     # validation AP and the AP curve has points
     t.epochs, t.batch_size, t.workers = 100, 4, 2
     t.optimizer, t.lr, t.weight_decay, t.warmup_iters, t.warmup_factor = "adamw", 1e-3, 1e-4, 100, 0.01
