@@ -52,7 +52,7 @@ from e2edet.config import apply_overrides
 from e2edet.data.collate import collate
 from e2edet.data.samples import ensure_mobilenet_weights
 from e2edet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from e2edet.engine.trainer import to_float32
+from e2edet.engine.precision import to_float32
 from e2edet.export import export_onnx
 from e2edet.inference import OnnxPredictor, Predictor
 from e2edet.recipes import get_recipe

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from e2edet.engine import trainer as trainer_module
-from e2edet.engine.device import cpu_has_bf16
+from e2edet.engine import precision
+from e2edet.engine.precision import cpu_has_bf16
 from tests.test_engine_trainer import BoxCriterion, make_cfg, make_trainer
 
 
@@ -26,7 +26,7 @@ def _conv_dtypes(trainer):
 
 @pytest.mark.parametrize("cpu_amp", [False, True])
 def test_cpu_amp_runs_the_forward_in_bf16_and_the_loss_in_float32(tmp_path, monkeypatch, cpu_amp):
-    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     criterion = DtypeRecordingCriterion()
     trainer = make_trainer(tmp_path, make_cfg(epochs=1, amp=True, cpu_amp=cpu_amp), criterion=criterion)
     conv_dtypes = _conv_dtypes(trainer)
@@ -39,7 +39,7 @@ def test_cpu_amp_runs_the_forward_in_bf16_and_the_loss_in_float32(tmp_path, monk
 
 
 def test_cpu_amp_warns_on_a_cpu_without_bf16(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
     with pytest.warns(UserWarning, match="train.cpu_amp: this CPU has neither AVX512-BF16 nor AMX"):
         make_trainer(tmp_path, make_cfg(epochs=1, cpu_amp=True))
 

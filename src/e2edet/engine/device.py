@@ -80,10 +80,3 @@ def init_distributed(spec: str = "auto") -> tuple[torch.device, bool]:
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device, True
 
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX tiles), so that CPU bf16 autocast
-    (``train.cpu_amp``) can be faster than float32. Asks torch's CPU capability probes; ``False`` when this torch
-    build has none."""
-    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(bool(p()) for p in probes if p is not None)

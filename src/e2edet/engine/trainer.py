@@ -18,11 +18,12 @@ from tqdm import tqdm
 
 from e2edet.engine.checkpoint import (load_checkpoint, read_weights_header, resolve_weights_file, save_checkpoint,
                                      weights_mismatch)
-from e2edet.engine.device import cpu_has_bf16, init_distributed
+from e2edet.engine.device import init_distributed
 from e2edet.engine.ema import build_ema
 from e2edet.engine.evaluator import save_results
 from e2edet.engine.logger import MetricsLogger, is_loss_key, lookup, plot_losses
 from e2edet.engine.optim import base_lr, build_optimizer, build_scheduler
+from e2edet.engine.precision import autocast_enabled, first_non_finite, to_float32
 from e2edet.engine.rng import capture_rng_state, preserve_rng_state, restore_rng_state, seed_everything
 from e2edet.engine.signals import StopSignals, TrainingInterrupted
 from e2edet.utils import shutdown_workers
@@ -34,41 +35,10 @@ def _to_device(target: Mapping[str, Any], device: torch.device) -> dict[str, Any
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
 
 
-def to_float32(value: Any) -> Any:
-    """Cast half/bfloat16 tensors (nested in dicts/lists/tuples) to float32 so losses run in full precision."""
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
-    if isinstance(value, Mapping):
-        return {k: to_float32(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [to_float32(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(to_float32(v) for v in value)
-    return value
-
-
 def _hms(seconds: float) -> str:
     """Seconds as ``h:mm:ss``."""
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _first_non_finite(value: Any, prefix: str = "") -> str | None:
-    """Dotted key of the first floating tensor in a (nested) model-output structure holding NaN/inf, or None."""
-    if isinstance(value, torch.Tensor):
-        finite = not value.is_floating_point() or bool(torch.isfinite(value).all())
-        return None if finite else (prefix or "output")
-    if isinstance(value, Mapping):
-        items = list(value.items())
-    elif isinstance(value, (list, tuple)):
-        items = list(enumerate(value))
-    else:
-        return None
-    for key, item in items:
-        found = _first_non_finite(item, f"{prefix}.{key}" if prefix else str(key))
-        if found is not None:
-            return found
-    return None
 
 
 class Trainer:
@@ -109,11 +79,7 @@ class Trainer:
         self.config_dict, self.evaluate_fn, self.best_metric = config_dict, evaluate_fn, best_metric
         self.progress = progress
         self.device, self._owns_process_group = init_distributed(getattr(cfg, "device", "auto"))
-        self.use_amp = (bool(getattr(cfg, "amp", False)) and self.device.type == "cuda") or (
-            bool(getattr(cfg, "cpu_amp", False)) and self.device.type == "cpu")
-        if self.use_amp and self.device.type == "cpu" and not cpu_has_bf16():
-            warnings.warn("train.cpu_amp: this CPU has neither AVX512-BF16 nor AMX; bf16 autocast will likely be "
-                          "slower than float32", stacklevel=2)
+        self.use_amp = autocast_enabled(cfg, self.device)
 
         self.iters_per_epoch = len(train_loader)
         if self.iters_per_epoch == 0:
@@ -379,7 +345,7 @@ class Trainer:
         try:
             loss_dict = self.criterion(outputs, targets, epoch=epoch, max_epoch=self.num_epochs)
         except RuntimeError as err:  # e.g. a probability-space loss refusing NaN scores: name the real cause
-            bad = _first_non_finite(outputs)
+            bad = first_non_finite(outputs)
             if bad is None:
                 raise
             raise FloatingPointError(self._non_finite_message(epoch, f"the model output {bad!r} is not finite "

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 
 __all__ = ["compare_detections", "compare_masks"]
 
 
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one xyxy ``box`` with each row of ``boxes`` ([M, 4]); 0 where the union is empty."""
-    lt, rb = np.maximum(box[:2], boxes[:, :2]), np.minimum(box[2:], boxes[:, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=1)
-    area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)  # noqa: E731
-    union = area(box) + area(boxes) - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    """IoU (``torchvision.ops.box_iou``, float64) of one xyxy ``box`` with each row of ``boxes`` ([M, 4]); 0 where
+    the union is empty."""
+    iou = box_iou(torch.as_tensor(box, dtype=torch.float64)[None], torch.as_tensor(boxes, dtype=torch.float64))[0]
+    return np.nan_to_num(iou.numpy(), nan=0.0)
 
 
 def compare_detections(
