@@ -1,37 +1,18 @@
-"""Typed experiment configuration: pydantic sections, YAML load/save and dotted command-line overrides.
-
-A :class:`Config` has five sections (``data``, ``model``, ``loss``, ``test``, ``train``). ``model.arch`` chooses the
-architecture (:data:`e2edet.archs.ARCHITECTURES`) and with it the typed ``model`` and ``loss`` sections: a key of
-another architecture is an error naming the architectures it belongs to. Recipes (:mod:`e2edet.recipes`) build
-named configs; the command line changes single fields with dotted overrides such as ``train.epochs=6
-data.dataset=bccd`` (a few short aliases like ``data=`` and ``epochs=`` exist, see :data:`ALIASES`). Every unknown
-key or bad value raises :class:`ConfigError` naming the key.
-
-Config files written before the per-architecture sections (every architecture's keys in one flat ``model`` and
-``loss`` section, up to commit ``c2b5238``) still load: :func:`from_dict` recognises them by their complete flat key
-set and drops the keys of the other architectures, which that code ignored.
-"""
+"""The typed sections of an experiment config (pydantic), the :class:`Config` that holds them, the command-line
+aliases, and the checks that span sections (:func:`validate`, :func:`ranges`)."""
 
 from __future__ import annotations
 
-import copy
-import difflib
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from e2edet.archs import ARCHITECTURES
-from e2edet.config_checks import (DEVICE_FORMS, ConfigError, Float, Int, Section, choices, field_range, parse_device,
-                                  validation_message)
-from e2edet.utils.io import atomic_write_text
+from e2edet.config_checks import ConfigError, Float, Int, Section, field_range, parse_device
 
-__all__ = [
-    "Config", "ConfigError", "DataConfig", "TestConfig", "TrainConfig", "ALIASES", "DEVICE_FORMS", "apply_overrides",
-    "from_dict", "load_config", "overrides_for_arch", "parse_device", "ranges", "save_config", "section_types", "to_dict", "validate",
-]
+__all__ = ["ALIASES", "COMMON_SECTIONS", "Config", "DataConfig", "TestConfig", "TOP_KEYS", "TrainConfig", "ranges",
+           "section_types", "validate"]
 
 
 class DataConfig(Section):
@@ -219,216 +200,17 @@ ALIASES = {
     "output": "output_dir",
     "weights": "train.weights",
 }
-_TOP = ("name", "description", "output_dir")
-_COMMON = {"data": DataConfig, "test": TestConfig, "train": TrainConfig}
-#: The flat sections written up to commit c2b5238: a file whose model/loss section holds all these keys is of that
-#: format (see the module docstring).
-_FLAT_MODEL_KEYS = frozenset(
-    "arch backbone pretrained freeze_at fpn_channels num_convs centerness ctr_convs ctr_channels max_filter "
-    "max_filter_gn num_queries num_stages num_heads dim_feedforward dynamic_dim stage_init num_groups in_points "
-    "out_points dropout proposal_init drmm num_classes class_names".split())
-_FLAT_LOSS_KEYS = frozenset(
-    "assigner score aux focal_alpha focal_gamma reg_weight poto_alpha center_radius aux_topk aux_weight "
-    "keep_infeasible o2f_topk soft_weight max_soft_weight max_t min_t o2f_neg_weight cls_weight l1_weight "
-    "giou_weight min_scale_ratio mm_weight mcm_weight prob_weight coord_dist".split())
 
+#: Top-level keys that are not sections.
+TOP_KEYS = ("name", "description", "output_dir")
+#: The sections every architecture shares.
+COMMON_SECTIONS = {"data": DataConfig, "test": TestConfig, "train": TrainConfig}
 
 def section_types(arch: str) -> dict[str, type[Section]]:
     """The section classes of a config of architecture ``arch``: ``{data, model, loss, test, train}``."""
     a = ARCHITECTURES[arch]
     return {"data": DataConfig, "model": a.model_section, "loss": a.loss_section, "test": TestConfig,
             "train": TrainConfig}
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain nested dict of ``cfg`` (tuples become lists), suitable for YAML/JSON: only the keys of its
-    architecture."""
-
-    def conv(v: Any) -> Any:
-        if isinstance(v, (tuple, list)):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-
-    return conv(cfg.model_dump())
-
-
-def _all_keys() -> list[str]:
-    """Every dotted key of every architecture, and the aliases (for suggestions)."""
-    keys = list(_TOP) + ["data", "model", "loss", "test", "train"]
-    keys += [f"{s}.{k}" for s, cls in _COMMON.items() for k in cls.model_fields]
-    for a in ARCHITECTURES.values():
-        keys += [f"{s}.{k}" for s, cls in (("model", a.model_section), ("loss", a.loss_section))
-                 for k in cls.model_fields]
-    return list(dict.fromkeys(keys)) + list(ALIASES)
-
-
-def _unknown_key(key: str, arch: str, source: str) -> ConfigError:
-    """The error for ``key``: where it belongs when another architecture has it, else close matches."""
-    section, _, name = key.partition(".")
-    if section in ("model", "loss"):
-        owners = [a.name for a in ARCHITECTURES.values()
-                  if name in getattr(a, f"{section}_section").model_fields and a.name != arch]
-        if owners:
-            return ConfigError(f"{source}: {key} belongs to model.arch={' or '.join(owners)}, not to "
-                               f"model.arch={arch} (see `e2edet recipes show NAME` for the keys of a recipe)")
-    close = difflib.get_close_matches(key, _all_keys(), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"{source}: unknown config key '{key}'{hint} (see `e2edet recipes show NAME`)")
-
-
-def _drop_flat_keys(data: dict[str, Any], arch: str) -> dict[str, Any]:
-    """A config of the flat format (module docstring) without the keys of other architectures."""
-    out = dict(data)
-    for section, flat in (("model", _FLAT_MODEL_KEYS), ("loss", _FLAT_LOSS_KEYS)):
-        values = out.get(section)
-        if isinstance(values, dict) and flat <= set(values):
-            own = section_types(arch)[section].model_fields
-            out[section] = {k: v for k, v in values.items() if k in own}
-    return out
-
-
-def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
-    """Build a :class:`Config` from a nested dict, validating every key and value.
-
-    Raises:
-        ConfigError: unknown section or key (with close matches, or the architecture it belongs to), wrong type,
-            bad choice or out-of-range value; the message names ``source`` and the dotted key.
-    """
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    model = data.get("model") or {}
-    if not isinstance(model, dict):
-        raise ConfigError(f"{source}: model must be a mapping of keys, got {type(model).__name__}")
-    arch = model.get("arch", "dense")
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"{source}: model.arch={arch!r} is not one of {', '.join(ARCHITECTURES)}")
-    data = _drop_flat_keys(data, arch)
-    fields: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in _TOP:
-            fields[key] = "" if value is None else str(value)
-            continue
-        sections = section_types(arch)
-        if key not in sections:
-            raise _unknown_key(key, arch, source)
-        value = {} if value is None else value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key} must be a mapping of keys, got {value!r}")
-        cls = sections[key]
-        for name in value:
-            if name not in cls.model_fields:
-                raise _unknown_key(f"{key}.{name}", arch, source)
-        try:
-            fields[key] = cls.model_validate(value)
-        except ValidationError as err:
-            raise ConfigError(f"{source}: {validation_message(err, cls, key, value)}") from None
-    cfg = Config(**fields)
-    validate(cfg, source)
-    return cfg
-
-
-def load_config(path: str | Path) -> Config:
-    """Read a YAML config file written by :func:`save_config` (or by hand, or by an earlier version: see the module
-    docstring).
-
-    Raises:
-        ConfigError: missing file, invalid YAML, or invalid keys/values (message names the file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or " ".join(str(e).split())
-        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from e
-    if data is None:
-        raise ConfigError(f"{path}: config file is empty")
-    return from_dict(data, str(path))
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as YAML (atomically, :func:`e2edet.utils.io.atomic_write_text`)."""
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def _parse_value(cls: type[Section], name: str, value: str, key: str, source: str) -> Any:
-    """A command-line string as the field's type: text stays text, a tuple field splits ``640,672`` or reads
-    ``[640, 672]``, anything else is a YAML scalar (``6`` -> int, ``1e-3`` -> float, ``true`` -> bool)."""
-    annotation = cls.model_fields[name].annotation
-    if annotation is str or choices(cls, name) is not None:
-        return value
-    try:
-        if typing.get_origin(annotation) is tuple:
-            items = [v for v in value.strip("[]() ").split(",") if v.strip()]
-            return [v.strip() if typing.get_args(annotation)[0] is str else yaml.safe_load(v) for v in items]
-        return yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: cannot parse value of {key}: {value!r}") from e
-
-
-def _switch_arch(data: dict[str, Any], arch: str, source: str) -> None:
-    """Make ``data`` (a :func:`to_dict` dict) of architecture ``arch``: its ``model`` and ``loss`` sections keep the
-    keys both architectures have; the others start from ``arch``'s defaults."""
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"{source}: model.arch={arch!r} is not one of {', '.join(ARCHITECTURES)}")
-    for section, cls in (("model", ARCHITECTURES[arch].model_section), ("loss", ARCHITECTURES[arch].loss_section)):
-        data[section] = {k: v for k, v in data.get(section, {}).items() if k in cls.model_fields}
-    data["model"]["arch"] = arch
-
-
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Return a copy of ``cfg`` with ``key=value`` strings (dotted keys or aliases) applied, validated.
-
-    ``model.arch=NAME`` is applied first: the ``model`` and ``loss`` keys both architectures have are kept, the others
-    take ``NAME``'s defaults. The other overrides are applied in order.
-
-    Raises:
-        ConfigError: an item without ``=``, an unknown or misplaced key, or an invalid value.
-    """
-    source = "command line"
-    data = copy.deepcopy(to_dict(cfg))
-    pairs = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.epochs=6)")
-        key, value = item.split("=", 1)
-        pairs.append((ALIASES.get(key.strip(), key.strip()), value.strip()))
-    for key, value in pairs:
-        if key == "model.arch":
-            _switch_arch(data, value, source)
-    arch = data["model"]["arch"]
-    for key, value in pairs:
-        section, _, name = key.partition(".")
-        if key == "model.arch":
-            continue
-        if not name and section in _TOP:
-            data[section] = value
-            continue
-        cls = section_types(arch).get(section)
-        if cls is None or name not in cls.model_fields:
-            raise _unknown_key(key, arch, source)
-        data[section][name] = _parse_value(cls, name, value, key, source)
-    return from_dict(data, source)
-
-
-def overrides_for_arch(overrides: list[str] | tuple[str, ...], arch: str) -> list[str]:
-    """The items of ``overrides`` for a config of architecture ``arch``: a ``model.``/``loss.`` key that ``arch``
-    lacks but another architecture has is left out (``e2edet compare`` gives one list to recipes of several
-    architectures). Everything else is kept, so that :func:`apply_overrides` still reports unknown keys."""
-    kept = []
-    for item in overrides:
-        key = ALIASES.get(item.split("=", 1)[0].strip(), item.split("=", 1)[0].strip())
-        section, _, name = key.partition(".")
-        if section in ("model", "loss") and key != "model.arch" and name not in section_types(arch)[section].model_fields:
-            if any(name in section_types(a)[section].model_fields for a in ARCHITECTURES):
-                continue
-        kept.append(item)
-    return kept
 
 
 def ranges(arch: str | None = None) -> dict[str, tuple[float | None, float | None, bool, bool]]:
