@@ -32,6 +32,11 @@ def test_nhwc_model_equals_nchw_model():
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4)
     a["pred_logits"].sum().backward()
     b["pred_logits"].sum().backward()
-    for p, q in zip(nchw.parameters(), nhwc.parameters()):
+    # Gradients summed in another order (NHWC kernels) differ elementwise where terms cancel; on a CPU without
+    # AVX512 a few of the 55296 elements of a backbone weight differed by 1.6x an elementwise tolerance of 1e-3 of
+    # the tensor's largest value. The relative error of each whole gradient was at most 6e-4 there; a layout mistake
+    # gives errors of order 1.
+    for (name, p), q in zip(nchw.named_parameters(), nhwc.parameters()):
         if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-3 * float(p.grad.abs().max()))
+            error = float((q.grad - p.grad).norm() / p.grad.norm().clamp_min(1e-12))
+            assert error < 5e-3, f"{name}: relative gradient error {error:.2e}"
