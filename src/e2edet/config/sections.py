@@ -206,6 +206,7 @@ TOP_KEYS = ("name", "description", "output_dir")
 #: The sections every architecture shares.
 COMMON_SECTIONS = {"data": DataConfig, "test": TestConfig, "train": TrainConfig}
 
+
 def section_types(arch: str) -> dict[str, type[Section]]:
     """The section classes of a config of architecture ``arch``: ``{data, model, loss, test, train}``."""
     a = ARCHITECTURES[arch]
