@@ -230,6 +230,7 @@ CASES = [
     ("predict --device gpu", ["predict", "{run}", "{img}", "--device", "gpu"], "--device"),
     ("predict absent gpu index", ["predict", "{run}", "{img}", "--device", "99"], "--device"),
     ("eval absent cuda:99", ["eval", "{run}", "--device", "cuda:99"], "--device"),
+    ("eval negative --bootstrap", ["eval", "{run}", "--bootstrap", "-1"], "--bootstrap"),
     # --- weights
     ("missing weights path", ["predict", "{tmp}/no/such/run", "{img}"], "no/such/run"),
     ("corrupt safetensors", ["predict", "{garbage}", "{img}"], "garbage.safetensors"),

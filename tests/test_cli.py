@@ -65,10 +65,13 @@ def test_train_eval_predict_on_real_images(bccd_subset, tmp_path, capsys):
     assert (run_dir / "checkpoints" / "last" / "model.safetensors").is_file()
     assert len(list((run_dir / "predictions").glob("*.png"))) == 2
 
-    assert main(["eval", str(run_dir), "--out", str(tmp_path / "eval.json")]) == 0
+    assert main(["eval", str(run_dir), "--out", str(tmp_path / "eval.json"), "--bootstrap", "4"]) == 0
+    assert "paired resamples of the 3 images" in capsys.readouterr().out
     results = json.loads((tmp_path / "eval.json").read_text())
     assert set(results["no_nms"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"}
     assert results["num_images"] == 3
+    assert results["bootstrap"]["num_samples"] == 4
+    assert results["bootstrap"]["a"] == pytest.approx(results["no_nms"]["AP"], abs=1e-4)
 
     images = yaml.safe_load(bccd_subset.read_text())["val_images"]
     first = sorted(Path(images).glob("*.jpg"))[:2]

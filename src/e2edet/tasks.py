@@ -182,12 +182,13 @@ def write_summary(cfg: Config, run_dir: Path, results: dict, device: torch.devic
 
 
 def evaluate_weights(weights: str | Path, overrides: list[str], out: str | Path | None = None,
-                     device: str = "auto") -> dict:
+                     device: str = "auto", bootstrap: int = 0) -> dict:
     """Evaluate trained weights on the validation split of their dataset (or ``data=...`` from ``overrides``).
 
     Writes the results JSON to ``out`` (default: ``eval.json`` beside the weights), the reliability diagram and
     the precision-recall curves beside it (``<stem>_reliability.png``, ``<stem>_pr_curve.png``) and prints the
-    tables (metrics, then AP per class).
+    tables (metrics, then AP per class). ``bootstrap`` > 0 adds the paired bootstrap interval of AP without NMS
+    minus AP with NMS over that many resamples of the images (see :func:`e2edet.engine.evaluator.evaluate`).
 
     Raises:
         ConfigError: the dataset's classes differ from the model's.
@@ -205,7 +206,7 @@ def evaluate_weights(weights: str | Path, overrides: list[str], out: str | Path 
     results = evaluate(predictor.model, postprocessor, loader, predictor.device, data.val.coco,
                        data.val.label_to_cat_id, nms_iou=cfg.test.eval_nms_iou,
                        plot_path=out.with_name(out.stem + "_reliability.png"),
-                       pr_curve_path=out.with_name(out.stem + "_pr_curve.png"))
+                       pr_curve_path=out.with_name(out.stem + "_pr_curve.png"), bootstrap=bootstrap)
     save_results(results, out)
     _report(results, cfg, f"{weights} on {data.paths.val_json}")
     print(f"results: {out}")
