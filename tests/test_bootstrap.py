@@ -17,8 +17,9 @@ CATS = [{"id": 1, "name": "tree"}]
 
 
 def _dataset(num_images: int = 6, seed: int = 0):
-    """``num_images`` 100x100 images with 2-5 boxes each; column a finds every box with a small error, column b
-    the same plus a lower-scored duplicate of every other box and one missed box per image."""
+    """``num_images`` 100x100 images with 2-5 boxes each. Column a finds every box with a small error. Column b
+    keeps those detections except the first box's, and adds for every even-numbered box (the first included) a copy
+    shifted by 3 px at half the score: a duplicate, or for the first box a worse detection than column a's."""
     rng = np.random.default_rng(seed)
     images, anns, dets_a, dets_b = [], [], [], []
     for image_id in range(1, num_images + 1):
