@@ -1,11 +1,11 @@
 """Paired bootstrap over images of a COCO AP difference (e.g. AP without NMS minus AP with NMS).
 
-On a small validation set a difference of a few tenths of AP between two columns can be chance: which images
-happen to be in the set. Resampling the images with replacement and recomputing both APs on each resample gives
-the spread of the difference (the percentile bootstrap of Efron & Tibshirani, *An Introduction to the Bootstrap*,
-1993, ch. 13; paired: both columns are evaluated on the same resampled images). Every AP is computed by
-faster-coco-eval's ``COCOeval_faster`` (the pycocotools algorithm), on a COCO dataset built from the resampled
-images, each copy of an image renamed so that COCO counts it as many times as it was drawn.
+On a small validation set a difference of a few tenths of AP between two columns can be chance: which images happen
+to be in the set. Resampling the images with replacement and recomputing both APs on each resample gives the spread
+of the difference (the percentile bootstrap of Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13;
+paired: both columns are evaluated on the same resampled images). Every AP is computed by faster-coco-eval's
+``COCOeval_faster`` (the pycocotools algorithm, :func:`~e2edet.engine.coco_utils.run_cocoeval`), on a COCO dataset
+built from the resampled images, each copy of an image renamed so that COCO counts it as many times as it was drawn.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from faster_coco_eval import COCO, COCOeval_faster
+from faster_coco_eval import COCO
 
-from e2edet.engine.coco_utils import as_coco, quiet_print
+from e2edet.engine.coco_utils import as_coco, quiet_print, run_cocoeval
 
 __all__ = ["paired_bootstrap_ap"]
 
@@ -29,11 +29,7 @@ def _ap(images: list[dict], annotations: list[dict], detections: list[dict], cat
     gt = COCO({"images": images, "annotations": annotations, "categories": categories}, print_function=quiet_print)
     if not detections:
         return 0.0 if any(not a.get("iscrowd", 0) for a in annotations) else float("nan")
-    evaluator = COCOeval_faster(gt, gt.loadRes(detections), iouType=iou_type, print_function=quiet_print)
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
-    value = float(evaluator.stats[0])
+    value = float(run_cocoeval(gt, detections, iou_type).stats[0])
     return value * 100.0 if value >= 0 else float("nan")
 
 

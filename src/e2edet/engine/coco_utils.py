@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from faster_coco_eval import COCO
+from faster_coco_eval import COCO, COCOeval_faster
 from faster_coco_eval.core import mask as mask_utils
 
-__all__ = ["as_coco", "encode_masks", "quiet_print"]
+__all__ = ["as_coco", "encode_masks", "quiet_print", "run_cocoeval"]
 
 
 def quiet_print(*args: Any, **kwargs: Any) -> None:
@@ -37,6 +37,20 @@ def as_coco(coco_gt: Any) -> COCO:
             raise FileNotFoundError(f"COCO annotation file {coco_gt} does not exist")
         return COCO(str(coco_gt), print_function=quiet_print)
     raise TypeError(f"coco_gt must be a COCO object, a dict or a path, got {type(coco_gt).__name__}")
+
+
+def run_cocoeval(coco_gt: COCO, detections: list[dict[str, Any]], iou_type: str = "bbox",
+                 image_ids: list[int] | None = None) -> COCOeval_faster:
+    """Evaluated, accumulated and summarised ``COCOeval_faster`` of COCO results ``detections`` (not empty) on
+    ``coco_gt``, over ``image_ids`` (default: every ground-truth image); its ``stats`` hold AP, AP50, ... as
+    fractions (-1 where undefined)."""
+    coco_eval = COCOeval_faster(coco_gt, coco_gt.loadRes(detections), iouType=iou_type, print_function=quiet_print)
+    if image_ids is not None:
+        coco_eval.params.imgIds = image_ids
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    return coco_eval
 
 
 def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:

@@ -12,12 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from faster_coco_eval import COCOeval_faster
 from torch import nn
 from tqdm import tqdm
 
 from e2edet.engine.bootstrap import paired_bootstrap_ap
-from e2edet.engine.coco_utils import as_coco, encode_masks, quiet_print
+from e2edet.engine.coco_utils import as_coco, encode_masks, run_cocoeval
 from e2edet.engine.crowd_metrics import crowd_metrics
 from e2edet.engine.diagnostics import diagnostics, plot_pr_curves, plot_reliability
 from e2edet.utils.dist import get_world_size, is_dist, is_main_process
@@ -146,12 +145,7 @@ class CocoEvaluator:
         if not dets:
             self._curves = self._curves_from(None, image_ids)
             return {name: 0.0 for name in METRIC_NAMES}
-        coco_dt = self.coco_gt.loadRes(dets)
-        coco_eval = COCOeval_faster(self.coco_gt, coco_dt, iouType=self.iou_type, print_function=quiet_print)
-        coco_eval.params.imgIds = image_ids
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
+        coco_eval = run_cocoeval(self.coco_gt, dets, self.iou_type, image_ids)
         self._curves = self._curves_from(coco_eval, image_ids)
         return {name: (float(v) * 100.0 if v >= 0 else -1.0) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
 
