@@ -312,6 +312,24 @@ def test_non_finite_gradient_stops_before_the_update(tmp_path, clip):
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("bn."))
 
 
+def test_clip_finite_gradients_scales_a_finite_norm_and_names_a_nan():
+    from e2edet.engine.precision import clip_finite_gradients
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    assert clip_finite_gradients(model, 1.0) == (0.0, None)  # no gradient yet
+    for p, g in zip(model.parameters(), (3.0, 0.0, 4.0, 0.0)):
+        p.grad = torch.full_like(p, g)
+    expected = math.sqrt(6 * 9 + 2 * 16)  # 6 entries of 3 in the first weight, 2 of 4 in the second
+    norm, bad = clip_finite_gradients(model, 1.0)
+    assert bad is None and norm == pytest.approx(expected)
+    total = math.sqrt(sum(float(p.grad.square().sum()) for p in model.parameters()))
+    assert total == pytest.approx(1.0, rel=1e-5)
+    model[1].bias.grad = torch.tensor([float("nan")])
+    before = model[0].weight.grad.clone()
+    norm, bad = clip_finite_gradients(model, 1.0)
+    assert math.isnan(norm) and bad == "1.bias" and torch.equal(model[0].weight.grad, before)
+
+
 class _Bar:
     """Records the (description, start, total) of each progress bar the trainer opens."""
 

@@ -1,16 +1,17 @@
 """Mixed precision of the training step: whether the forward runs under bf16 autocast (``train.amp`` on CUDA,
 ``train.cpu_amp`` on the CPU), the cast of its outputs back to float32 for the loss, and the search for a
-non-finite output that names the culprit when a step fails."""
+non-finite output or gradient that names the culprit when a step fails."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["autocast_enabled", "cpu_has_bf16", "first_non_finite", "to_float32"]
+__all__ = ["autocast_enabled", "clip_finite_gradients", "cpu_has_bf16", "first_non_finite", "to_float32"]
 
 
 def cpu_has_bf16() -> bool:
@@ -64,3 +65,27 @@ def first_non_finite(value: Any, prefix: str = "") -> str | None:
         if found is not None:
             return found
     return None
+
+
+def clip_finite_gradients(model: torch.nn.Module, clip: float) -> tuple[float, str | None]:
+    """Total L2 norm of ``model``'s gradients, scaled to norm ``clip`` when above it (``clip`` > 0) and finite.
+
+    The norm is taken first (``torch.nn.utils.get_total_norm``) so that a NaN/inf gradient is found, and named,
+    before ``clip_grads_with_norm_`` scales anything.
+
+    Returns:
+        ``(norm, None)``, or ``(norm, name)`` with the name of the first parameter whose gradient holds NaN/inf
+        when the norm is not finite (nothing is scaled then). ``(0.0, None)`` when no parameter has a gradient.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0, None
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = float(total)
+    if not math.isfinite(norm):
+        name = next((n for n, p in model.named_parameters()
+                     if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "?")
+        return norm, name
+    if clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, clip, total)
+    return norm, None

@@ -23,7 +23,7 @@ from e2edet.engine.ema import build_ema
 from e2edet.engine.evaluator import save_results
 from e2edet.engine.logger import MetricsLogger, is_loss_key, lookup, plot_losses
 from e2edet.engine.optim import base_lr, build_optimizer, build_scheduler
-from e2edet.engine.precision import autocast_enabled, first_non_finite, to_float32
+from e2edet.engine.precision import autocast_enabled, clip_finite_gradients, first_non_finite, to_float32
 from e2edet.engine.rng import capture_rng_state, preserve_rng_state, restore_rng_state, seed_everything
 from e2edet.engine.signals import StopSignals, TrainingInterrupted
 from e2edet.utils import shutdown_workers
@@ -383,24 +383,13 @@ class Trainer:
         return values
 
     def _clip_gradients(self, clip: float, epoch: int) -> float:
-        """Total L2 norm of the gradients, which must be finite; scales them to norm ``clip`` when above (``clip``
-        > 0). The norm is taken first (``torch.nn.utils.get_total_norm``) so that a NaN/inf gradient is found, and
-        named, before ``clip_grads_with_norm_`` scales anything. Raises FloatingPointError naming the first parameter
-        with a non-finite gradient.
-        """
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if not params:
-            return 0.0
-        total = torch.nn.utils.get_total_norm([p.grad for p in params])
-        norm = float(total)
-        if not math.isfinite(norm):
-            name = next((n for n, p in self.model.named_parameters()
-                         if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "?")
+        """:func:`~e2edet.engine.precision.clip_finite_gradients`; a non-finite gradient clears the gradients and
+        raises FloatingPointError naming its first parameter."""
+        norm, bad = clip_finite_gradients(self.model, clip)
+        if bad is not None:
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(self._non_finite_message(epoch, f"non-finite gradient (norm {norm}, first in "
-                                                                     f"{name!r}) of finite losses"))
-        if clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, clip, total)
+                                                                     f"{bad!r}) of finite losses"))
         return norm
 
     def _non_finite_message(self, epoch: int, what: str) -> str:
